@@ -1,0 +1,14 @@
+"""The streaming math: pure PyTorch, no Lightning and no UI."""
+
+from .engine import StreamingCNN
+from .errors import StreamingError, TileTooSmallError, UnsupportedLayerError
+from .geometry import Box, Geometry, LayerProfile, Tile, TilePlan
+from .graph import TrunkGraph
+from .source import ImageSource, TensorSource, as_source
+from .window import Window
+
+__all__ = [
+    "Box", "Geometry", "ImageSource", "LayerProfile", "StreamingCNN", "StreamingError",
+    "TensorSource", "Tile", "TilePlan", "TileTooSmallError", "TrunkGraph", "UnsupportedLayerError",
+    "Window", "as_source",
+]

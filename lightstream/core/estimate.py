@@ -1,0 +1,107 @@
+"""Predicted memory and time of a streamed training step, from the geometry alone.
+
+Nothing here runs the network on real data: channel counts come from one shape-only pass
+(``FakeTensorMode``), areas from the tile plan. The benchmark prints these predictions next to
+measurements so they stay honest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from .geometry import TilePlan
+from .graph import TrunkGraph
+
+__all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step"]
+
+
+@dataclass(frozen=True)
+class LayerCost:
+    """Per spatial step: values stored per pixel and multiply-adds per pixel."""
+
+    elements_per_pixel: int
+    macs_per_pixel: int
+
+
+@dataclass(frozen=True)
+class StepEstimate:
+    """Prediction for one training step (forward + backward) on one batch.
+
+    Attributes:
+        tiles: number of tiles.
+        recompute_factor: streamed compute of one pass over whole-image compute (1.0 = no overlap).
+        relative_time: streamed step time over the whole-image step time, taking the backward
+            recomputation into account (``4/3 * recompute_factor``).
+        peak_bytes: streamed step: the largest tile's autograd graph, the stitched feature map
+            and its gradient, and the parameter gradients.
+        whole_image_bytes: the conventional step: every activation of the whole image.
+        feature_map_bytes: the stitched feature map alone.
+    """
+
+    tiles: int
+    recompute_factor: float
+    relative_time: float
+    peak_bytes: int
+    whole_image_bytes: int
+    feature_map_bytes: int
+
+
+def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[LayerCost]:
+    """Per step of ``graph``: stored values and multiply-adds per output pixel (shape-only pass)."""
+    macs: dict[int, int] = {}
+    for index, step in enumerate(graph.steps):
+        module = step.target if isinstance(step.target, nn.Module) else None
+        weight = getattr(module, "weight", None)
+        if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(weight, torch.Tensor):
+            macs[index] = weight.numel()
+    elements: dict[int, int] = {}
+
+    def observe(index: int, value: torch.Tensor) -> None:
+        h, w = (value.shape[d] for d in graph.steps[index].dims)
+        elements[index] = value.numel() // max(1, h * w * value.shape[0])
+
+    size = max(probe, *graph_min_size(graph))
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        tile = torch.empty(1, in_channels, size, size)
+        graph.run(tile, (0, size), (0, size), graph.sizes(size, size), observe)
+    return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0))) for i in range(len(graph.steps))]
+
+
+def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
+    """An image size large enough for every step to have a non-empty output."""
+    size = 1
+    while min(graph.sizes(size, size)[graph.output]) < 1:
+        size *= 2
+    return size, size
+
+
+def estimate_step(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], batch_size: int = 1,
+                  bytes_per_value: int = 4) -> StepEstimate:
+    """Predict time ratio and memory of a streamed step for ``plan`` (see :class:`StepEstimate`)."""
+    spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
+    full = plan.layer_sizes
+
+    def work(areas: dict[int, int], per: str) -> int:
+        return sum(areas[i] * getattr(costs[i], per) for i in spatial)
+
+    whole_areas = {i: full[i][0] * full[i][1] for i in spatial}
+    tile_work, tile_peak = 0, 0
+    row_cache = {r: graph.exact_spans(r, 0, full) for r, _ in plan.row_spans}
+    col_cache = {c: graph.exact_spans(c, 1, full) for c, _ in plan.col_spans}
+    for rows, _ in plan.row_spans:
+        for cols, _ in plan.col_spans:
+            r, c = row_cache[rows], col_cache[cols]
+            areas = {i: max(0, r[i][1] - r[i][0]) * max(0, c[i][1] - c[i][0]) for i in spatial}
+            tile_work += work(areas, "macs_per_pixel")
+            tile_peak = max(tile_peak, work(areas, "elements_per_pixel"))
+    factor = tile_work / max(1, work(whole_areas, "macs_per_pixel"))
+    out_area = plan.output_size[0] * plan.output_size[1]
+    fmap = batch_size * costs[graph.output].elements_per_pixel * out_area * bytes_per_value
+    params = sum(p.numel() for p in graph.trunk.parameters()) * bytes_per_value
+    whole = batch_size * work(whole_areas, "elements_per_pixel") * bytes_per_value + 2 * params
+    peak = batch_size * tile_peak * bytes_per_value + 2 * fmap + 3 * params
+    return StepEstimate(len(plan), factor, 4.0 / 3.0 * factor, peak, whole, fmap)

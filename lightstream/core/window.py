@@ -1,0 +1,69 @@
+"""Exact integer arithmetic of one sliding window (a convolution or pooling) along one axis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+__all__ = ["Window", "IDENTITY"]
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass(frozen=True)
+class Window:
+    """A sliding window along one axis: output ``o`` reads inputs ``o*stride - pad_before + dilation*k``.
+
+    ``k`` runs over ``0 .. kernel-1``. Positions outside ``[0, n)`` are the layer's own padding.
+    All methods take and return half-open integer intervals ``[lo, hi)``.
+    """
+
+    kernel: int = 1
+    stride: int = 1
+    dilation: int = 1
+    pad_before: int = 0
+    pad_after: int = 0
+    ceil_mode: bool = False
+
+    @property
+    def extent(self) -> int:
+        """Number of input positions one output spans: ``dilation * (kernel - 1) + 1``."""
+        return self.dilation * (self.kernel - 1) + 1
+
+    def out_len(self, n: int) -> int:
+        """Output length for an input of length ``n`` (PyTorch's rule, including ``ceil_mode``)."""
+        span = n + self.pad_before + self.pad_after - self.extent
+        if span < 0:
+            return 0
+        if not self.ceil_mode:
+            return span // self.stride + 1
+        out = _ceil_div(span, self.stride) + 1
+        if (out - 1) * self.stride >= n + self.pad_before:
+            out -= 1
+        return out
+
+    def exact_out(self, lo: int, hi: int, n: int) -> tuple[int, int]:
+        """Outputs computable exactly from inputs ``[lo, hi)`` of an axis of length ``n``.
+
+        An output is exact when everything it reads is inside ``[lo, hi)`` or is padding, which
+        is only true of padding at the real borders of the axis (``lo == 0`` or ``hi == n``).
+        """
+        m = self.out_len(n)
+        out_lo = 0 if lo == 0 else _ceil_div(lo + self.pad_before, self.stride)
+        out_hi = m if hi == n else min(m, (hi - 1 + self.pad_before - self.extent + 1) // self.stride + 1)
+        return out_lo, max(out_lo, out_hi)
+
+    def needed_in(self, lo: int, hi: int, n: int) -> tuple[int, int]:
+        """The smallest input interval (clipped to ``[0, n)``) that outputs ``[lo, hi)`` read.
+
+        Outputs that read only padding still need one real border row to be computed.
+        """
+        first = max(0, lo * self.stride - self.pad_before)
+        last = min(n, (hi - 1) * self.stride - self.pad_before + self.extent)
+        if last <= first:
+            return (0, 1) if last <= 0 else (n - 1, n)
+        return first, last
+
+
+IDENTITY = Window()

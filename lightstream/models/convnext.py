@@ -1,0 +1,64 @@
+"""Streaming ConvNeXts from torchvision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models import ConvNeXt, WeightsEnum
+
+from ..modules import ImageClassifier
+from ..modules.classifier import MetricsArg
+from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+
+__all__ = ["CONVNEXT_NAMES", "StreamingConvNext", "split_convnext"]
+
+CONVNEXT_NAMES = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_large")
+"""The torchvision builders :class:`StreamingConvNext` accepts as ``model_name``."""
+
+
+def split_convnext(network: ConvNeXt, last_trunk_layer: str = "features"
+                   ) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision ConvNeXt into ``(trunk, head)`` after ``last_trunk_layer``.
+
+    Layers, in order: ``features avgpool classifier`` (torchvision's names); only ``features``
+    can be streamed, as ``avgpool`` is global.
+    """
+    layers = [(name, getattr(network, name)) for name in ("features", "avgpool", "classifier")]
+    return split_layers(layers, last_trunk_layer)
+
+
+class StreamingConvNext(ImageClassifier):
+    """A torchvision ConvNeXt with its ``features`` streamed; pooling and classifier form the head.
+
+    Stochastic depth is built with probability 0: it drops residual branches at random per
+    sample, and the backward's recomputation of a tile would draw different drops than its
+    forward did, so it cannot be streamed in training. Its channel LayerNorms are per pixel
+    and stream exactly in training mode.
+
+    Args:
+        model_name: one of :data:`CONVNEXT_NAMES` (tiny and small are the practical ones; the
+            receptive field of ``features`` is 1688 px, the smallest tile).
+        Others as in :class:`~lightstream.models.StreamingResNet`.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        tile_size: int | tuple[int, int],
+        loss_fn: nn.Module | None = None,
+        train_streaming_layers: bool = True,
+        metrics: MetricsArg = None,
+        *,
+        num_classes: int = 1000,
+        weights: WeightsEnum | str | None = None,
+        last_trunk_layer: str = "features",
+        **kwargs: Any,
+    ) -> None:
+        if model_name not in CONVNEXT_NAMES:
+            raise ValueError(f"model_name must be one of {CONVNEXT_NAMES}, got {model_name!r}")
+        network, resolved = build_network(model_name, weights, num_classes, stochastic_depth_prob=0.0)
+        network.classifier[-1] = classifier_for(network.classifier[-1], num_classes)
+        trunk, head = split_convnext(network, last_trunk_layer)
+        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **normalization_defaults(resolved, kwargs))

@@ -1,0 +1,53 @@
+"""Streaming MobileNetV2 from torchvision: the light backbone."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models import MobileNetV2, WeightsEnum
+
+from ..modules import ImageClassifier
+from ..modules.classifier import MetricsArg
+from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+
+__all__ = ["StreamingMobileNetV2", "split_mobilenet_v2"]
+
+
+def split_mobilenet_v2(network: MobileNetV2, last_trunk_layer: str = "features"
+                       ) -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision MobileNetV2 into ``(trunk, head)`` after ``last_trunk_layer``.
+
+    Layers, in order: ``features avgpool flatten classifier`` (torchvision pools and flattens
+    functionally in ``forward``; here they are modules); only ``features`` can be streamed.
+    """
+    layers = [("features", network.features), ("avgpool", nn.AdaptiveAvgPool2d(1)),
+              ("flatten", nn.Flatten(1)), ("classifier", network.classifier)]
+    return split_layers(layers, last_trunk_layer)
+
+
+class StreamingMobileNetV2(ImageClassifier):
+    """torchvision's MobileNetV2 with ``features`` streamed (receptive field 491 px).
+
+    The trunk's BatchNorm layers stay in eval mode (their affine parameters still train); the
+    head's dropout is unaffected. Arguments as in :class:`~lightstream.models.StreamingResNet`,
+    without ``model_name``.
+    """
+
+    def __init__(
+        self,
+        tile_size: int | tuple[int, int],
+        loss_fn: nn.Module | None = None,
+        train_streaming_layers: bool = True,
+        metrics: MetricsArg = None,
+        *,
+        num_classes: int = 1000,
+        weights: WeightsEnum | str | None = None,
+        last_trunk_layer: str = "features",
+        **kwargs: Any,
+    ) -> None:
+        network, resolved = build_network("mobilenet_v2", weights, num_classes)
+        network.classifier[-1] = classifier_for(network.classifier[-1], num_classes)
+        trunk, head = split_mobilenet_v2(network, last_trunk_layer)
+        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **normalization_defaults(resolved, kwargs))

@@ -1,0 +1,69 @@
+"""Streaming ResNets (and ResNeXt / Wide ResNet) from torchvision."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+from torchvision.models import ResNet, WeightsEnum
+
+from ..modules import ImageClassifier
+from ..modules.classifier import MetricsArg
+from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+
+__all__ = ["RESNET_NAMES", "StreamingResNet", "split_resnet"]
+
+RESNET_NAMES = ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "resnext50_32x4d",
+                "resnext101_32x8d", "resnext101_64x4d", "wide_resnet50_2", "wide_resnet101_2")
+"""The torchvision builders :class:`StreamingResNet` accepts as ``model_name``."""
+
+
+def split_resnet(network: ResNet, last_trunk_layer: str = "layer4") -> tuple[nn.Sequential, nn.Sequential]:
+    """Split a torchvision ResNet into ``(trunk, head)`` after ``last_trunk_layer``.
+
+    Layers, in order: ``conv1 bn1 relu maxpool layer1 layer2 layer3 layer4 avgpool flatten fc``;
+    submodule names match torchvision's, so state-dict keys do too. Cutting at ``avgpool`` or
+    later puts global pooling in the trunk, which the engine refuses when it is streamed.
+    """
+    names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4", "avgpool")
+    layers = [(name, getattr(network, name)) for name in names]
+    return split_layers([*layers, ("flatten", nn.Flatten(1)), ("fc", network.fc)], last_trunk_layer)
+
+
+class StreamingResNet(ImageClassifier):
+    """A torchvision ResNet whose convolutional layers are streamed; pooling and ``fc`` form the head.
+
+    Args:
+        model_name: one of :data:`RESNET_NAMES`.
+        tile_size: tile height and width in image pixels (at least the receptive field,
+            435 px for resnet18 up to ``layer4``).
+        loss_fn, train_streaming_layers, metrics: as in :class:`~lightstream.modules.ImageClassifier`.
+        num_classes: outputs of ``fc`` (a new ``fc`` replaces the pretrained one when it differs).
+        weights: ``None`` (random initialisation) or torchvision weights (enum or name such as
+            ``"DEFAULT"``); they also set the default ``mean``/``std`` normalisation.
+        last_trunk_layer: where the streamed trunk ends (see :func:`split_resnet`).
+        **kwargs: to :class:`~lightstream.modules.ImageClassifier` (``lr``, ``mean``, ``std``...).
+
+    The trunk's BatchNorm layers stay in eval mode (their affine parameters still train).
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        tile_size: int | tuple[int, int],
+        loss_fn: nn.Module | None = None,
+        train_streaming_layers: bool = True,
+        metrics: MetricsArg = None,
+        *,
+        num_classes: int = 1000,
+        weights: WeightsEnum | str | None = None,
+        last_trunk_layer: str = "layer4",
+        **kwargs: Any,
+    ) -> None:
+        if model_name not in RESNET_NAMES:
+            raise ValueError(f"model_name must be one of {RESNET_NAMES}, got {model_name!r}")
+        network, resolved = build_network(model_name, weights, num_classes)
+        network.fc = classifier_for(network.fc, num_classes)
+        trunk, head = split_resnet(network, last_trunk_layer)
+        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **normalization_defaults(resolved, kwargs))

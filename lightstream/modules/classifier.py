@@ -1,0 +1,107 @@
+"""ImageClassifier: a ready whole-image classification task on a streamed trunk."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torchmetrics import Metric, MetricCollection
+
+from .streaming import StreamingModule
+
+__all__ = ["ImageClassifier"]
+
+MetricsArg = Metric | MetricCollection | Sequence[Metric] | Mapping[str, Metric] | None
+
+
+class ImageClassifier(StreamingModule):
+    """Streamed trunk, then a head, a loss and torchmetrics metrics: whole-image classification.
+
+    Batches are ``(image, target)`` with ``image`` a ``[B, C, H, W]`` tensor (or an image source
+    the engine can read tiles from). Logs ``{stage}_loss`` and every metric as
+    ``{stage}_{name}`` for the stages ``train``, ``val`` and ``test`` with ``self.log``.
+    Use it directly or subclass it (override :meth:`configure_optimizers`, the steps, ...).
+
+    Args:
+        stream_network: the trunk (streamed).
+        head: maps the stitched feature map ``[B, C', h, w]`` to logits ``[B, classes]``; it
+            holds the global pooling, which cannot be streamed.
+        tile_size: tile height and width in image pixels.
+        loss_fn: ``loss_fn(logits, target)``; default ``nn.CrossEntropyLoss()``.
+        train_streaming_layers: train the trunk (``False`` trains the head only).
+        metrics: torchmetrics metric(s), cloned once per stage; updated with ``(logits, target)``.
+        lr: learning rate of the default optimiser (Adam over :meth:`get_trainable_params`).
+        predict_feature_map: :meth:`predict_step` returns ``(logits, feature_map)`` instead of
+            the logits alone.
+        **kwargs: passed to :class:`~lightstream.modules.StreamingModule` (``tile_cache_dir``,
+            ``mean``, ``std``, ``saliency``, ``progress``...).
+    """
+
+    def __init__(
+        self,
+        stream_network: nn.Module,
+        head: nn.Module,
+        tile_size: int | tuple[int, int],
+        loss_fn: nn.Module | None = None,
+        train_streaming_layers: bool = True,
+        metrics: MetricsArg = None,
+        *,
+        lr: float = 1e-4,
+        predict_feature_map: bool = False,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(stream_network, tile_size, train_streaming_layers, **kwargs)
+        self.head = head
+        self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
+        self.lr = lr
+        self.predict_feature_map = predict_feature_map
+        collection = None if metrics is None else MetricCollection(metrics)
+        self.train_metrics = None if collection is None else collection.clone(prefix="train_")
+        self.val_metrics = None if collection is None else collection.clone(prefix="val_")
+        self.test_metrics = None if collection is None else collection.clone(prefix="test_")
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of the images ``x``: the streamed trunk, then the head."""
+        return self.forward_head(self.forward_streaming(x))
+
+    def forward_head(self, feature_map: Tensor) -> Tensor:
+        """Logits from a stitched feature map."""
+        return self.head(feature_map)
+
+    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
+        image, target = batch
+        logits = self(image)
+        loss = self.loss_fn(logits, target)
+        batch_size = int(target.shape[0])
+        self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=batch_size)
+        metrics: MetricCollection | None = getattr(self, f"{stage}_metrics")
+        if metrics is not None:
+            metrics(logits.detach(), target)
+            self.log_dict(metrics, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
+        return loss
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Loss of one batch; Lightning's backward streams the trunk's gradients."""
+        return self._step(batch, "train")
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Loss and metrics of one validation batch."""
+        return self._step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        """Loss and metrics of one test batch."""
+        return self._step(batch, "test")
+
+    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int,
+                     dataloader_idx: int = 0) -> Tensor | tuple[Tensor, Tensor]:
+        """Logits of a batch (``image`` or ``(image, ...)``), and its feature map if asked for."""
+        image = batch[0] if isinstance(batch, (tuple, list)) else batch
+        feature_map = self.forward_streaming(image)
+        logits = self.forward_head(feature_map)
+        return (logits, feature_map) if self.predict_feature_map else logits
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """Adam with learning rate ``lr`` over the parameters that require gradients."""
+        return torch.optim.Adam(self.get_trainable_params(), lr=self.lr)

@@ -1,0 +1,123 @@
+"""The tile cache: a small JSON record of how a trunk is streamed at one tile size and dtype.
+
+The streaming geometry is exact integer arithmetic and takes milliseconds, so nothing needs
+to be cached for speed. The file is a record a run can be checked against: it names the
+trunk's architecture (a fingerprint of its geometry and parameter shapes), the tile size, the
+dtype it computes in, and the numbers a data pipeline cares about (receptive field, output
+stride, tile stride). It is plain JSON, so loading it never unpickles anything.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..core import StreamingCNN
+
+__all__ = ["TileCache", "interior_tile_stride"]
+
+logger = logging.getLogger(__name__)
+
+_FORMAT = 1
+
+
+def interior_tile_stride(engine: StreamingCNN) -> tuple[int, int]:
+    """Image pixels between the starts of two neighbouring interior tiles, per axis.
+
+    This is the tile size minus the border each tile loses on both sides, rounded down to the
+    output stride: what one more tile adds to the image a plan can cover. It is read off the
+    middle tile of a plan four tiles long, so it is what the engine really executes.
+    """
+    tile_h, tile_w = engine.tile_size
+    plan = engine.plan((4 * tile_h, 4 * tile_w))
+    strides = []
+    for spans, stride in ((plan.row_spans, plan.output_stride[0]), (plan.col_spans, plan.output_stride[1])):
+        _, (first, last) = spans[len(spans) // 2]
+        strides.append((last - first) * stride)
+    return strides[0], strides[1]
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+@dataclass(frozen=True)
+class TileCache:
+    """How one trunk streams at one tile size and dtype; compared field by field on load."""
+
+    architecture: str
+    """Fingerprint of the trunk: its geometry plus the names and shapes of its tensors."""
+    tile_size: tuple[int, int]
+    dtype: str
+    receptive_field: tuple[int, int]
+    output_stride: tuple[int, int]
+    tile_stride: tuple[int, int]
+    geometry_fingerprint: str
+
+    @classmethod
+    def of(cls, engine: StreamingCNN, dtype: torch.dtype) -> TileCache:
+        """The record of ``engine`` (its trunk and tile size) computing in ``dtype``."""
+        geometry = engine.geometry
+        digest = hashlib.sha256(geometry.fingerprint.encode())
+        digest.update(repr(_tensor_shapes(engine.stream_module)).encode())
+        return cls(
+            architecture=digest.hexdigest()[:16],
+            tile_size=tuple(engine.tile_size),  # type: ignore[arg-type]
+            dtype=_dtype_name(dtype),
+            receptive_field=tuple(geometry.receptive_field),  # type: ignore[arg-type]
+            output_stride=tuple(geometry.output_stride),  # type: ignore[arg-type]
+            tile_stride=interior_tile_stride(engine),
+            geometry_fingerprint=geometry.fingerprint,
+        )
+
+    @property
+    def key(self) -> str:
+        """Short hash of what the record is keyed by: architecture, tile size and dtype."""
+        text = f"{self.architecture}|{self.tile_size[0]}x{self.tile_size[1]}|{self.dtype}"
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def differences(self, other: TileCache) -> list[str]:
+        """Names of the fields whose values differ from ``other``'s."""
+        return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) != getattr(other, f.name)]
+
+    def write(self, path: Path) -> None:
+        """Write the record as JSON, atomically (a reader never sees half a file)."""
+        payload = {"format": _FORMAT, "key": self.key, **dataclasses.asdict(self)}
+        handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(handle, "w") as file:
+                json.dump(payload, file, indent=2)
+            os.replace(temporary, path)
+        except BaseException:
+            Path(temporary).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def read(cls, path: Path) -> TileCache | None:
+        """Read a record; ``None`` (with a warning) when the file is not a record of this format."""
+        try:
+            payload: Any = json.loads(path.read_text())
+            if payload.get("format") != _FORMAT:
+                raise ValueError(f"format {payload.get('format')!r}, expected {_FORMAT}")
+            values = {f.name: payload[f.name] for f in dataclasses.fields(cls)}
+        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
+            logger.warning("ignoring tile cache %s: not a lightstream tile cache (%s)", path, err)
+            return None
+        for name in ("tile_size", "receptive_field", "output_stride", "tile_stride"):
+            values[name] = tuple(values[name])
+        return cls(**values)
+
+
+def _tensor_shapes(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    """Names and shapes of a module's parameters and buffers, in registration order."""
+    named = list(module.named_parameters()) + list(module.named_buffers())
+    return [(name, tuple(tensor.shape)) for name, tensor in named]

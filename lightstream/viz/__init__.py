@@ -1,0 +1,14 @@
+"""Plain matplotlib plots of the streaming geometry and of training memory, for scripts and papers.
+
+Every function returns a :class:`matplotlib.figure.Figure` (a new one, not registered with
+pyplot: save it with ``fig.savefig``) or draws on the Axes it is given. No widget code here.
+"""
+
+from .memory import MemorySample, plot_memory
+from .profile import border_increase, limiting_layer, plot_receptive_profile
+from .tiles import owned_region, plot_tile_grid, thumbnail
+
+__all__ = [
+    "MemorySample", "border_increase", "limiting_layer", "owned_region", "plot_memory",
+    "plot_receptive_profile", "plot_tile_grid", "thumbnail",
+]

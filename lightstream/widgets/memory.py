@@ -1,0 +1,148 @@
+"""A Lightning callback recording memory and step time, with a live plot in notebooks."""
+
+from __future__ import annotations
+
+import io
+import logging
+import time
+from typing import Any
+
+import ipywidgets as widgets
+import lightning as L
+import psutil
+import torch
+from matplotlib.figure import Figure
+
+from lightstream.viz import MemorySample, plot_memory
+from lightstream.viz._axes import GIB
+
+__all__ = ["MemoryMonitor", "in_notebook_kernel"]
+
+logger = logging.getLogger(__name__)
+
+
+def in_notebook_kernel() -> bool:
+    """Whether code runs in a Jupyter kernel (where widgets can be displayed)."""
+    try:
+        from IPython import get_ipython
+    except ImportError:
+        return False
+    shell = get_ipython()
+    return shell is not None and getattr(shell, "kernel", None) is not None
+
+
+class MemoryMonitor(L.Callback):
+    """Record memory and step time of every training batch; plot them live in a notebook.
+
+    On CUDA each sample holds the GPU memory held by tensors at the end of the step, the peak
+    during the step (the number that matters for streaming) and the caching allocator's
+    reservation; the process RSS (host memory) is always recorded. Samples accumulate in
+    :attr:`history` (a list of :class:`~lightstream.viz.MemorySample`), reset at each fit.
+
+    Every ``log_every_n_steps`` steps (default: the trainer's) a line is logged through
+    :mod:`logging` and the metrics go to the trainer's loggers (``memory/*_gib``,
+    ``time/step_s``). In a notebook kernel a plot under the running cell is refreshed at most
+    every ``refresh_s`` seconds, and once more when training ends.
+
+    Args:
+        live: draw the live plot; default: only in a notebook kernel, on global rank 0.
+        refresh_s: minimum seconds between two redraws of the live plot.
+        log_every_n_steps: logging period in steps; default the trainer's ``log_every_n_steps``.
+        dpi: resolution of the live plot.
+    """
+
+    def __init__(self, live: bool | None = None, refresh_s: float = 1.0, log_every_n_steps: int | None = None,
+                 dpi: int = 72) -> None:
+        super().__init__()
+        self.live = live
+        self.refresh_s = refresh_s
+        self.log_every_n_steps = log_every_n_steps
+        self.dpi = dpi
+        self.history: list[MemorySample] = []
+        self.image: widgets.Image | None = None
+        """The live plot's widget while (and after) it is shown."""
+        self._process = psutil.Process()
+        self._fit_start = 0.0
+        self._step_start = 0.0
+        self._last_draw = 0.0
+        self._figure: Figure | None = None
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.history = []
+        self._fit_start = time.perf_counter()
+        live = self.live if self.live is not None else in_notebook_kernel()
+        if live and trainer.is_global_zero:
+            from IPython.display import display
+
+            self._figure = Figure(figsize=(8.0, 4.5), layout="constrained")
+            self.image = widgets.Image(format="png")
+            self.image.add_class("lightstream-memory-monitor")
+            display(self.image)
+        else:
+            self._figure, self.image = None, None
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        device = pl_module.device
+        cuda = device.type == "cuda"
+        if cuda:
+            torch.cuda.synchronize(device)
+        now = time.perf_counter()
+        sample = MemorySample(
+            step=len(self.history), elapsed=now - self._fit_start, step_time=now - self._step_start,
+            rss=self._process.memory_info().rss,
+            allocated=torch.cuda.memory_allocated(device) if cuda else None,
+            peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
+            reserved=torch.cuda.memory_reserved(device) if cuda else None,
+        )
+        self.history.append(sample)
+        period = self.log_every_n_steps or trainer.log_every_n_steps or 1
+        if trainer.is_global_zero and sample.step % period == 0:
+            self._log(trainer, sample)
+        if self._figure is not None and now - self._last_draw >= self.refresh_s:
+            self.draw()
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.history and trainer.is_global_zero:
+            steps = len(self.history)
+            logger.info("memory monitor: %d steps, mean %.3f s/step, max RSS %.2f GiB%s", steps,
+                        sum(s.step_time for s in self.history) / steps, max(s.rss for s in self.history) / GIB,
+                        _gpu_peak_text(self.history))
+        if self._figure is not None:
+            self.draw()
+
+    def draw(self) -> None:
+        """Redraw the live plot from :attr:`history` (no-op when no plot is shown)."""
+        if self._figure is None or self.image is None:
+            return
+        self._figure.clear()
+        plot_memory(self.history, axes=tuple(self._figure.subplots(2, 1, sharex=True, height_ratios=(2, 1))))
+        buffer = io.BytesIO()
+        self._figure.savefig(buffer, format="png", dpi=self.dpi)
+        self.image.value = buffer.getvalue()
+        self._last_draw = time.perf_counter()
+
+    def _log(self, trainer: L.Trainer, sample: MemorySample) -> None:
+        metrics = {"time/step_s": sample.step_time, "memory/rss_gib": sample.rss / GIB}
+        for name in ("allocated", "peak_allocated", "reserved"):
+            value = getattr(sample, name)
+            if value is not None:
+                metrics[f"memory/{name}_gib"] = value / GIB
+        for trainer_logger in trainer.loggers:
+            trainer_logger.log_metrics(metrics, step=trainer.global_step)
+        logger.info("step %d: %.3f s/step, RSS %.2f GiB%s", sample.step, sample.step_time, sample.rss / GIB,
+                    _gpu_peak_text([sample]))
+
+
+def _gpu_peak_text(history: list[MemorySample]) -> str:
+    peaks = [s.peak_allocated for s in history if s.peak_allocated is not None]
+    reserved = [s.reserved for s in history if s.reserved is not None]
+    if not peaks:
+        return ""
+    return f", GPU peak allocated {max(peaks) / GIB:.2f} GiB, reserved {max(reserved) / GIB:.2f} GiB"

@@ -1,0 +1,277 @@
+"""State of the tile-size tuner, free of any UI: what :class:`~lightstream.widgets.TileTuner` shows.
+
+Unit tests and scripts drive :class:`TileTunerModel` directly; the widget only renders it.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import psutil
+import torch
+from torch import nn
+
+from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
+from lightstream.core.estimate import StepEstimate
+from lightstream.viz import thumbnail
+
+__all__ = ["TileTunerModel", "StepMeasurement", "default_tile_sizes", "streaming_network"]
+
+logger = logging.getLogger(__name__)
+
+_UNCHECKED_TILE = 1 << 20
+"""Tile size the tuner's private engine is built with (always valid); the real one is set after."""
+_MAX_DEFAULT_TILE = 16384
+_RSS_INTERVAL_S = 0.005
+
+
+@dataclass(frozen=True)
+class StepMeasurement:
+    """One real training step of the streamed trunk (forward and backward) at one tile size.
+
+    Attributes:
+        tile_size: tile side in pixels the step ran with.
+        seconds: wall time of the step.
+        peak_bytes: on CUDA, the most memory held by tensors during the step
+            (``torch.cuda.max_memory_allocated``); on CPU, the largest growth of the process
+            RSS over its value before the step (sampled every 5 ms).
+        memory_label: which of the two ``peak_bytes`` is.
+        device: where the trunk ran.
+        backward: whether a backward ran (``False`` when no trunk parameter requires grad).
+    """
+
+    tile_size: int
+    seconds: float
+    peak_bytes: int
+    memory_label: str
+    device: str
+    backward: bool
+
+
+def streaming_network(model_or_trunk: nn.Module) -> StreamingCNN | None:
+    """The :class:`StreamingCNN` inside ``model_or_trunk``, or ``None`` if it is a bare trunk.
+
+    Accepts a ``StreamingCNN`` or any module holding one as ``.stream_network`` (such as a
+    ``StreamingModule``).
+    """
+    network = getattr(model_or_trunk, "stream_network", model_or_trunk)
+    return network if isinstance(network, StreamingCNN) else None
+
+
+def default_tile_sizes(minimum: int, output_stride: int, image_side: int) -> range:
+    """Slider options: multiples of ``4 * output_stride`` (at least 16 px) from one step up to
+    the image side (at least twice the minimum tile, at most 16384 px).
+
+    The lowest options may be below ``minimum``, so the slider shows where tiles stop working.
+    """
+    step = max(16, 4 * output_stride)
+    top = min(max(image_side, 2 * minimum), _MAX_DEFAULT_TILE)
+    return range(step, -(-top // step) * step + 1, step)
+
+
+class TileTunerModel:
+    """Tile plan, geometry profile and step estimate of a trunk on an image, per tile size.
+
+    Args:
+        model_or_trunk: a bare trunk (``nn.Module``), a :class:`StreamingCNN`, or a module with a
+            ``.stream_network`` attribute holding one (a ``StreamingModule``). The tuner never
+            changes it: it plans with its own engine over the same trunk (call :meth:`apply`).
+        image: a ``[B, C, H, W]`` or ``[C, H, W]`` tensor; an ``[H, W]``, ``[H, W, C]`` or
+            ``[B, C, H, W]`` array; an object with ``.shape == (B, C, H, W)`` and optionally
+            ``.thumbnail(max_size)`` and ``.read(rows, cols)`` (a lazy slide); or just a size
+            ``(H, W)`` (3 channels) or ``(B, C, H, W)``.
+        tile_sizes: the tile sides (px) to choose from; default :func:`default_tile_sizes`.
+        tile_size: the initial tile side; default the engine's current one (snapped to the
+            nearest option), or for a bare trunk the smallest option of at least twice the
+            minimum tile.
+        thumbnail_size: longest side of the image thumbnail kept for drawing.
+    """
+
+    def __init__(
+        self,
+        model_or_trunk: nn.Module,
+        image: Any,
+        tile_sizes: Sequence[int] | None = None,
+        *,
+        tile_size: int | None = None,
+        thumbnail_size: int = 1024,
+    ) -> None:
+        self.target = streaming_network(model_or_trunk)
+        self.trunk: nn.Module = self.target.stream_module if self.target is not None else model_or_trunk
+        self.engine = StreamingCNN(self.trunk, tile_size=_UNCHECKED_TILE)
+        if hasattr(image, "__array_interface__") and not isinstance(image, (torch.Tensor, np.ndarray)):
+            image = np.asarray(image)  # a PIL image
+        self.image = image
+        self.image_shape = _image_shape(image)
+        size = self.image_shape[2:]
+        geometry = self.engine.geometry
+        self.receptive_field: tuple[int, int] = geometry.receptive_field
+        self.minimum_tile_size: int = max(geometry.min_tile_size(size))
+        """The smallest tile side that works for this trunk and image (px)."""
+        self.tile_sizes: list[int] = sorted(int(t) for t in (tile_sizes if tile_sizes is not None else
+                                            default_tile_sizes(self.minimum_tile_size,
+                                                               max(geometry.output_stride), max(size))))
+        if not self.tile_sizes:
+            raise ValueError("tile_sizes is empty")
+        self.thumbnail: np.ndarray | None = (thumbnail(image, thumbnail_size)
+                                             if not isinstance(image, (tuple, list)) else None)
+        self.plan: TilePlan | None = None
+        self.estimate: StepEstimate | None = None
+        self.profile: list[LayerProfile] = []
+        self.warning: str | None = None
+        self.measurement: StepMeasurement | None = None
+        self._tile_size = 0
+        self.tile_size = tile_size if tile_size is not None else self._initial_tile_size()
+
+    @property
+    def tile_size(self) -> int:
+        """The chosen tile side (px); setting it re-plans (tens of ms for a ResNet-50)."""
+        return self._tile_size
+
+    @tile_size.setter
+    def tile_size(self, value: int) -> None:
+        self._tile_size = int(value)
+        self.engine.tile_size = (self._tile_size, self._tile_size)
+        self.profile = self.engine.geometry.profile(self._tile_size)
+        try:
+            self.plan = self.engine.plan(self.image_shape)
+            self.estimate = self.engine.estimate(self.image_shape)
+            self.warning = None
+        except TileTooSmallError as error:
+            self.plan, self.estimate = None, None
+            self.warning = (f"A tile of {self._tile_size} px is too small for this trunk: the smallest "
+                            f"valid tile is {max(error.minimum)} px (one output pixel needs "
+                            f"{error.minimum[0]}×{error.minimum[1]} input px, its receptive field).")
+        except ValueError as error:
+            self.plan, self.estimate, self.warning = None, None, str(error)
+        logger.debug("tile %d px: %s", self._tile_size, self.warning or f"{len(self.plan)} tiles")
+
+    def apply(self) -> None:
+        """Set the chosen tile size on the :class:`StreamingCNN` the tuner was given."""
+        if self.target is None:
+            raise TypeError("the tuner was given a bare trunk: build StreamingCNN(trunk, tile_size=tuner.tile_size)")
+        self.target.tile_size = (self._tile_size, self._tile_size)
+        logger.info("tile size set to %d px", self._tile_size)
+
+    def measure_step(self) -> StepMeasurement:
+        """Run one real forward and backward of the streamed trunk at the chosen tile size.
+
+        Uses the image (or a random one of its shape when only a size, or an object that cannot
+        be read, was given) with the engine's normalisation. Gradients are returned by autograd
+        and dropped, so the trunk's ``.grad`` is left untouched. Raises ``ValueError`` when the
+        tile size is invalid.
+        """
+        if self.plan is None:
+            raise ValueError(self.warning or "no valid plan at this tile size")
+        tile = self._tile_size
+        engine = StreamingCNN(self.trunk, tile_size=tile, mean=_buffer(self.target, "mean"),
+                              std=_buffer(self.target, "std"))
+        image = self._step_image()
+        params = [p for p in self.trunk.parameters() if p.requires_grad]
+        device = engine.device
+        with _peak_memory(device) as peak:
+            start = time.perf_counter()
+            fmap = engine.forward_autograd(image)
+            if params:
+                torch.autograd.grad(fmap.float().square().mean(), params)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            seconds = time.perf_counter() - start
+        self.measurement = StepMeasurement(tile, seconds, peak.value, peak.label, str(device), bool(params))
+        logger.info("measured one step at tile %d px: %.3f s, %s %d bytes", tile, seconds, peak.label, peak.value)
+        return self.measurement
+
+    def _initial_tile_size(self) -> int:
+        if self.target is not None:
+            current = self.target.tile_size[0]
+            return min(self.tile_sizes, key=lambda t: (abs(t - current), t))
+        comfortable = [t for t in self.tile_sizes if t >= 2 * self.minimum_tile_size]
+        return comfortable[0] if comfortable else self.tile_sizes[-1]
+
+    def _step_image(self) -> torch.Tensor | ImageSource:
+        image = self.image
+        if isinstance(image, torch.Tensor):
+            return image if image.dim() == 4 else image.unsqueeze(0)
+        if isinstance(image, np.ndarray):
+            return _array_to_tensor(image)
+        if isinstance(image, ImageSource):
+            return image
+        return torch.rand(self.image_shape)
+
+
+def _image_shape(image: Any) -> tuple[int, int, int, int]:
+    """``(B, C, H, W)`` of anything :class:`TileTunerModel` accepts as an image."""
+    if isinstance(image, (tuple, list)):
+        dims = tuple(int(v) for v in image)
+        if len(dims) == 2:
+            return (1, 3, *dims)
+        if len(dims) == 4:
+            return dims  # type: ignore[return-value]
+        raise ValueError(f"an image size is (H, W) or (B, C, H, W), got {image!r}")
+    if isinstance(image, np.ndarray) and image.ndim in (2, 3):
+        height, width = image.shape[:2]
+        return 1, (image.shape[2] if image.ndim == 3 else 1), height, width
+    shape = tuple(int(v) for v in image.shape)
+    if isinstance(image, torch.Tensor) and len(shape) == 3:
+        return (1, *shape)  # type: ignore[return-value]
+    if len(shape) != 4:
+        raise ValueError(f"expected an image of shape (B, C, H, W), got {shape}")
+    return shape  # type: ignore[return-value]
+
+
+def _array_to_tensor(array: np.ndarray) -> torch.Tensor:
+    """``[H, W]`` / ``[H, W, C]`` / ``[B, C, H, W]`` array -> ``[B, C, H, W]`` tensor (no copy)."""
+    tensor = torch.from_numpy(np.ascontiguousarray(array))
+    if tensor.dim() == 2:
+        return tensor[None, None]
+    if tensor.dim() == 3:
+        return tensor.permute(2, 0, 1).unsqueeze(0)
+    if tensor.dim() == 4:
+        return tensor
+    raise ValueError(f"expected an [H, W], [H, W, C] or [B, C, H, W] array, got shape {array.shape}")
+
+
+def _buffer(network: StreamingCNN | None, name: str) -> torch.Tensor | None:
+    value = getattr(network, name, None) if network is not None else None
+    return value if value is not None and value.numel() else None
+
+
+class _Peak:
+    def __init__(self, label: str) -> None:
+        self.label = label
+        self.value = 0
+
+
+@contextmanager
+def _peak_memory(device: torch.device) -> Iterator[_Peak]:
+    """Track the peak memory of the block: CUDA tensor memory, or RSS growth sampled in a thread."""
+    if device.type == "cuda":
+        peak = _Peak("GPU peak allocated")
+        torch.cuda.reset_peak_memory_stats(device)
+        yield peak
+        peak.value = torch.cuda.max_memory_allocated(device)
+        return
+    peak = _Peak("peak RSS growth")
+    process = psutil.Process()
+    base = process.memory_info().rss
+    done = threading.Event()
+
+    def sample() -> None:
+        while not done.wait(_RSS_INTERVAL_S):
+            peak.value = max(peak.value, process.memory_info().rss - base)
+
+    sampler = threading.Thread(target=sample, name="lightstream-rss-sampler", daemon=True)
+    sampler.start()
+    try:
+        yield peak
+    finally:
+        done.set()
+        sampler.join()
+        peak.value = max(peak.value, process.memory_info().rss - base)

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# Set up a fresh machine (idempotent): a virtual environment in .venv with the pinned packages,
+# and Debian's Chromium for the real-browser widget test. Re-running it is a no-op.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+case "$(uname -m)" in
+  aarch64|arm64) torch_pair="torch==2.9.1 torchvision==0.24.1" ;;
+  *)             torch_pair="torch==2.14.1 torchvision==0.29.1" ;;
+esac
+
+stamp=.venv/.lightstream-setup
+want=$( (echo "$torch_pair"; cat pyproject.toml requirements/pins.txt scripts/setup.sh) | sha256sum | cut -c1-16)
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
+  [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
+  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
+  # shellcheck disable=SC2086
+  .venv/bin/python -m pip install -q $torch_pair 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -m pip install -q -c requirements/pins.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
+  .venv/bin/python -c "import torch, torchvision, lightning, openslide" # fail loudly if an install failed
+  echo "$want" > "$stamp"
+fi
+
+if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \
+    || echo "setup: could not install chromium; the browser test will be skipped" >&2
+fi
