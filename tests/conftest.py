@@ -29,9 +29,9 @@ def whole_image_reference(trunk: nn.Module, image: torch.Tensor, grad: torch.Ten
 
 
 def assert_streaming_exact(trunk: nn.Module, image: torch.Tensor, tile_size, tol: float = 1e-10,
-                           min_tiles_per_axis: int = 2) -> StreamingCNN:
+                           min_tiles_per_axis: int = 2, **options) -> StreamingCNN:
     """Stream ``trunk`` over ``image`` and compare output, every parameter grad and the image grad."""
-    scnn = StreamingCNN(trunk, tile_size=tile_size, saliency=True)
+    scnn = StreamingCNN(trunk, tile_size=tile_size, saliency=True, **options)
     plan = scnn.plan(image.shape)
     assert min(plan.grid) >= min_tiles_per_axis, f"test does not tile enough: grid {plan.grid}"
     torch.manual_seed(1)

@@ -10,6 +10,10 @@ the tiles' pixels partition the feature map, so the sum of the tiles' gradients 
 whole-image gradient: every weight-gradient contribution is counted exactly once, for every
 parameter (convolutions, biases, normalisation affines, layer scales), at any batch size.
 The gradient with respect to the image is the sum of the tiles' input gradients.
+
+With stages (:mod:`lightstream.core.stages`) the same happens stage by stage: the forward keeps
+each stage's stitched output, and the backward streams the stages in reverse, each producing
+the exact gradient of its input map for the stage before it.
 """
 
 from __future__ import annotations
@@ -26,10 +30,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import StreamingError, TileTooSmallError
-from .estimate import LayerCost, StepEstimate, estimate_step, layer_costs
+from .estimate import StepEstimate, estimate_step
 from .geometry import Geometry, Tile, TilePlan, as_pair
 from .graph import TrunkGraph
 from .source import ImageSource, TensorSource, as_source
+from .stages import (Stage, StagePlan, candidate_cuts, split_stages, stage_costs, stage_tile_size,
+                     tile_elements)
 
 __all__ = ["StreamingCNN"]
 
@@ -63,7 +69,13 @@ class StreamingCNN(nn.Module):
             accumulate on its own parameters.
         tile_shape: the paper's tile shape ``(1, C, height, width)``; ``tile_size`` is the same.
         tile_size: tile height and width in image pixels (an int or ``(height, width)``). Memory
-            of the backward scales with it; it must hold one receptive field of the trunk.
+            of the backward scales with it; it must hold one receptive field of the (first
+            stage of the) trunk.
+        stages: ``None`` streams the trunk as one piece (memory flat in image size);
+            ``"auto"`` cuts an ``nn.Sequential`` trunk after its downsampling children, keeping
+            the deepest stage maps that fit ``stage_memory`` (much less recompute, see
+            :mod:`lightstream.core.stages`); a list of child indices cuts there.
+        stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``.
         saliency: also compute the gradient with respect to the image in :meth:`backward`
             (stored in :attr:`saliency_map`).
         mean, std: optional per-channel normalisation applied to each tile on the device, so an
@@ -92,6 +104,8 @@ class StreamingCNN(nn.Module):
         tile_shape: Sequence[int] | None = None,
         *,
         tile_size: int | tuple[int, int] | None = None,
+        stages: str | Sequence[int] | None = None,
+        stage_memory: int = 1 << 30,
         saliency: bool = False,
         mean: Sequence[float] | torch.Tensor | None = None,
         std: Sequence[float] | torch.Tensor | None = None,
@@ -100,18 +114,23 @@ class StreamingCNN(nn.Module):
         super().__init__()
         if (tile_shape is None) == (tile_size is None):
             raise TypeError("give exactly one of tile_shape=(1, C, H, W) or tile_size=")
+        if stages is not None and stages != "auto" and not isinstance(stream_module, nn.Sequential):
+            raise TypeError("explicit stages need an nn.Sequential trunk (cuts are child indices)")
         self.stream_module = stream_module
         self.tile_size = as_pair(tile_shape if tile_shape is not None else tile_size)  # type: ignore[arg-type]
+        self.stages = stages if stages is None or stages == "auto" else tuple(int(c) for c in stages)
+        self.stage_memory = stage_memory
         self.saliency = saliency
         self.saliency_map: torch.Tensor | None = None
         self.progress = progress
         self.register_buffer("mean", _channel_vector(mean), persistent=False)
         self.register_buffer("std", _channel_vector(std), persistent=False)
-        self._traced: tuple[tuple, TrunkGraph, Geometry] | None = None
-        self._plans: dict[tuple, TilePlan] = {}
-        self._costs: dict[tuple, list[LayerCost]] = {}
+        self._traced: tuple[tuple, Geometry] | None = None
+        self._cache: dict[tuple, Any] = {}
+        self._kept: tuple[Any, int, list[torch.Tensor]] | None = None
         self._autocast: _Autocast | None = None
-        minimum = self.geometry.min_tile_size()
+        first = self._stages(self._smallest_first_stage_cuts())[0]
+        minimum = first.geometry.min_tile_size()
         if self.tile_size[0] < minimum[0] or self.tile_size[1] < minimum[1]:
             raise TileTooSmallError(self.tile_size, minimum)
 
@@ -119,45 +138,117 @@ class StreamingCNN(nn.Module):
     def _structure_key(self) -> tuple:
         return tuple((name, id(m), m.training) for name, m in self.stream_module.named_modules())
 
-    def _graph(self) -> tuple[TrunkGraph, Geometry]:
+    @property
+    def geometry(self) -> Geometry:
+        """The whole trunk's exact geometry (receptive field, output stride, plans, profile)."""
         key = self._structure_key()
         if self._traced is None or self._traced[0] != key:
             if self._traced is not None:
                 logger.info("trunk modules or train/eval modes changed: tracing the trunk again")
-            graph = TrunkGraph(self.stream_module)
-            self._traced = (key, graph, Geometry(graph))
-            self._plans.clear()
-        return self._traced[1], self._traced[2]
+            self._cache.clear()
+            self._kept = None
+            self._traced = (key, Geometry(TrunkGraph(self.stream_module)))
+        return self._traced[1]
 
-    @property
-    def geometry(self) -> Geometry:
-        """The trunk's exact tile geometry (receptive field, output stride, plans, profile)."""
-        return self._graph()[1]
+    def _cached(self, key: tuple, build: Any) -> Any:
+        key = (self.geometry.fingerprint, *key)
+        if key not in self._cache:
+            self._cache[key] = build()
+        return self._cache[key]
+
+    def _stages(self, cuts: tuple[int, ...]) -> list[Stage]:
+        if not cuts:
+            graph = self.geometry.graph
+            return [Stage("trunk", self.stream_module, graph, self.geometry, (1, 1))]  # type: ignore[arg-type]
+        return self._cached(("stages", cuts), lambda: split_stages(self.stream_module, cuts))
+
+    def _smallest_first_stage_cuts(self) -> tuple[int, ...]:
+        if self.stages is None:
+            return ()
+        if self.stages == "auto":
+            return tuple(self._cached(("candidates",), lambda: candidate_cuts(self.stream_module))[:1])
+        return self.stages  # type: ignore[return-value]
+
+    def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
+        """Per stage: its tile size and tile plan, for a ``(B, C, H, W)`` (or ``(H, W)``) image."""
+        shape = tuple(int(v) for v in image_shape)
+        batch, channels = (shape[0], shape[1]) if len(shape) == 4 else (1, 3)
+        size = shape[-2:]
+        itemsize = torch.empty(0, dtype=dtype or _parameter_dtype(self.stream_module)).element_size()
+        return self._cached(("plans", size, batch, channels, itemsize, self.tile_size, self.stages,
+                             self.stage_memory),
+                            lambda: self._make_stage_plans(size, batch, channels, itemsize))
+
+    def _make_stage_plans(self, size: tuple[int, int], batch: int, channels: int, itemsize: int
+                          ) -> list[StagePlan]:
+        if self.stages is None:
+            stage = self._stages(())[0]
+            return [StagePlan(stage, self.tile_size, stage.geometry.plan(size, self.tile_size))]
+        cuts = list(self.stages) if self.stages != "auto" else \
+            self._auto_cuts(size, batch, channels, itemsize)
+        stages = self._stages(tuple(cuts))
+        costs = stage_costs(stages, channels)
+        whole = self._stages(())[0]
+        budget = tile_elements(whole, stage_costs([whole], channels)[0], self.tile_size)
+        plans: list[StagePlan] = []
+        map_size = size
+        for index, (stage, stage_cost) in enumerate(zip(stages, costs)):
+            # The first stage tiles the image with the user's tile; later stages get the largest
+            # tile that needs no more memory than one unstaged tile of the user's size.
+            tile = self.tile_size if index == 0 else stage_tile_size(stage, stage_cost, budget, map_size)
+            plan = stage.geometry.plan(map_size, tile)
+            plans.append(StagePlan(stage, tile, plan))
+            map_size = plan.output_size
+        logger.debug("stages %s with tiles %s", [p.stage.name for p in plans], [p.tile_size for p in plans])
+        return plans
+
+    def _auto_cuts(self, size: tuple[int, int], batch: int, channels: int, itemsize: int) -> list[int]:
+        """Deepest candidate cuts whose kept maps (and gradients) fit ``stage_memory``."""
+        candidates = self._cached(("candidates",), lambda: candidate_cuts(self.stream_module))
+        if not candidates:
+            return []
+        stages = self._stages(tuple(candidates))
+        costs = stage_costs(stages, channels)
+        chosen: list[int] = []
+        used = 0
+        map_size = size
+        kept_bytes = []
+        for stage, stage_cost in zip(stages[:-1], costs[:-1]):
+            map_size = stage.geometry.output_size(map_size)
+            per_pixel = stage_cost[stage.graph.output].elements_per_pixel
+            kept_bytes.append(2 * batch * per_pixel * map_size[0] * map_size[1] * itemsize)
+        for cut, need in reversed(list(zip(candidates, kept_bytes))):
+            if used + need > self.stage_memory:
+                break
+            chosen.insert(0, cut)
+            used += need
+        first_field = self._stages(tuple(chosen))[0].geometry.receptive_field if chosen else \
+            self.geometry.receptive_field
+        while first_field[0] > self.tile_size[0] or first_field[1] > self.tile_size[1]:
+            shallower = [c for c in candidates if not chosen or c < chosen[0]]
+            if not shallower:
+                break
+            chosen.insert(0, shallower[-1])
+            logger.warning("stage maps exceed stage_memory: cutting at child %d anyway, because the "
+                           "tile %s is smaller than the first stage's receptive field", chosen[0],
+                           self.tile_size)
+            first_field = self._stages(tuple(chosen))[0].geometry.receptive_field
+        return chosen
 
     def plan(self, image_size: Sequence[int]) -> TilePlan:
-        """The tile plan for an image of ``(H, W)`` (or a full ``(B, C, H, W)`` shape)."""
-        geometry = self.geometry
-        size = as_pair(tuple(image_size))
-        key = (geometry.fingerprint, size, self.tile_size)
-        if key not in self._plans:
-            plan = geometry.plan(size, self.tile_size)
-            logger.debug("planned %d tiles (%dx%d) for a %dx%d image, recompute factor %.2f",
-                         len(plan), *plan.grid, *size, plan.recompute_factor)
-            self._plans[key] = plan
-        return self._plans[key]
+        """The tiles over the image (the first stage's plan) for ``(H, W)`` or ``(B, C, H, W)``."""
+        return self.stage_plans(image_size)[0].plan
 
     def estimate(self, image_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> StepEstimate:
         """Predicted time ratio and memory of a training step on a ``(B, C, H, W)`` batch.
 
         Computed from the geometry (no real data is run), so a tile-size slider can call it.
         """
-        batch, channels, height, width = (int(v) for v in image_shape)
-        graph, geometry = self._graph()
-        key = (geometry.fingerprint, channels)
-        if key not in self._costs:
-            self._costs[key] = layer_costs(graph, channels)
-        plan = self.plan((height, width))
-        return estimate_step(graph, plan, self._costs[key], batch, torch.empty(0, dtype=dtype).element_size())
+        shape = tuple(int(v) for v in image_shape)
+        plans = self.stage_plans(shape, dtype)
+        costs = stage_costs([p.stage for p in plans], shape[1])
+        itemsize = torch.empty(0, dtype=dtype).element_size()
+        return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plans, costs)], shape[0], itemsize)
 
     @property
     def output_stride(self) -> tuple[int, int]:
@@ -176,10 +267,15 @@ class StreamingCNN(nn.Module):
         """Stream the trunk over ``image`` (``[B, C, H, W]`` tensor or lazy source).
 
         Returns the stitched feature map, detached from autograd; the image may stay on the CPU.
+        With stages, the stage maps a later :meth:`backward` needs are kept while gradients
+        are enabled.
         """
         self._autocast = _Autocast.current(self.device)
+        keep = torch.is_grad_enabled()
         with torch.no_grad():
-            return self._forward_tiles(as_source(image))
+            out, maps = self._forward_stages(as_source(image), keep)
+        self._kept = (image, _version(image), maps) if keep and maps else None
+        return out
 
     def forward_autograd(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
         """Like :meth:`forward`, but the result is part of the autograd graph.
@@ -193,12 +289,20 @@ class StreamingCNN(nn.Module):
         params = [p for p in self.stream_module.parameters() if p.requires_grad]
         return _StreamedTrunk.apply(self, source, tensor, *params)
 
-    def _forward_tiles(self, source: ImageSource) -> torch.Tensor:
-        graph, _ = self._graph()
-        plan = self.plan(source.shape)
+    def _forward_stages(self, source: ImageSource, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        maps: list[torch.Tensor] = []
+        for index, stage_plan in enumerate(self.stage_plans(source.shape)):
+            out = self._forward_tiles(stage_plan, source, first=index == 0)
+            if keep:
+                maps.append(out)
+            source = TensorSource(out)
+        return out, maps[:-1]
+
+    def _forward_tiles(self, stage_plan: StagePlan, source: ImageSource, first: bool) -> torch.Tensor:
+        graph, plan = stage_plan.stage.graph, stage_plan.plan
         out: torch.Tensor | None = None
         for tile, raw in self._load_tiles(source, plan, "forward"):
-            y = self._run_tile(graph, plan, tile, self._prepare(raw)[1])
+            y = self._run_tile(graph, plan, tile, self._prepare(raw, first)[1])
             if out is None:
                 out = y.new_empty((y.shape[0], y.shape[1], *plan.output_size))
             out[:, :, tile.output.rows, tile.output.cols] = y
@@ -214,16 +318,20 @@ class StreamingCNN(nn.Module):
                                  f"but owns {want}; please report this trunk")
         return y[:, :, want.top - rows[0]:want.bottom - rows[0], want.left - cols[0]:want.right - cols[0]]
 
-    def _prepare(self, x: torch.Tensor, requires_grad: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-        """Move a raw tile to the device, cast it, normalise it; returns (leaf, prepared)."""
+    def _prepare(self, x: torch.Tensor, first: bool, requires_grad: bool = False
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Move a raw tile to the device; for the image also cast and normalise it.
+
+        Returns ``(leaf, prepared)``: the leaf is what the input gradient is taken against.
+        """
         x = x.to(self.device, non_blocking=True)
         if not x.is_floating_point():
             x = x.to(_parameter_dtype(self.stream_module))
         leaf = x.detach().requires_grad_() if requires_grad else x
         x = leaf
-        if self.mean.numel():
+        if first and self.mean.numel():
             x = x - self.mean.to(x.dtype).view(1, -1, 1, 1)
-        if self.std.numel():
+        if first and self.std.numel():
             x = x / self.std.to(x.dtype).view(1, -1, 1, 1)
         return leaf, x
 
@@ -255,40 +363,65 @@ class StreamingCNN(nn.Module):
         if grad is None:
             raise ValueError("grad is None: call fmap.requires_grad_() before the head's backward")
         params = [p for p in self.stream_module.parameters() if p.requires_grad]
-        grads, image_grad = self._backward_tiles(as_source(image), grad, params, self.saliency,
-                                                 self._autocast or _Autocast.current(self.device))
+        maps = None
+        if self._kept is not None and self._kept[0] is image and self._kept[1] == _version(image):
+            maps = self._kept[2]
+        self._kept = None
+        grads, image_grad = self._backward_stages(as_source(image), grad, maps, params, self.saliency,
+                                                  self._autocast or _Autocast.current(self.device))
         for param, g in zip(params, grads):
             if g is not None:
                 param.grad = g if param.grad is None else param.grad.add_(g)
         self.saliency_map = image_grad
 
-    def _backward_tiles(self, source: ImageSource, grad: torch.Tensor, params: list[torch.Tensor],
-                        want_image_grad: bool, autocast: _Autocast
-                        ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
-        graph, _ = self._graph()
-        plan = self.plan(source.shape)
-        if tuple(grad.shape[-2:]) != plan.output_size:
+    def _backward_stages(self, source: ImageSource, grad: torch.Tensor, maps: list[torch.Tensor] | None,
+                         params: list[torch.Tensor], want_image_grad: bool, autocast: _Autocast
+                         ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        plans = self.stage_plans(source.shape)
+        if tuple(grad.shape[-2:]) != plans[-1].plan.output_size:
             raise ValueError(f"grad has spatial size {tuple(grad.shape[-2:])} but the feature map of "
-                             f"this image is {plan.output_size}")
+                             f"this image is {plans[-1].plan.output_size}")
+        if maps is None and len(plans) > 1:  # no (or stale) kept stage maps: recompute them
+            logger.debug("recomputing %d stage maps for the backward", len(plans) - 1)
+            with torch.no_grad(), autocast():
+                maps = self._forward_stages(source, keep=True)[1]
+        totals: dict[int, torch.Tensor] = {}
+        for index in range(len(plans) - 1, -1, -1):
+            stage_source = source if index == 0 else TensorSource(maps[index - 1])  # type: ignore[index]
+            stage_params = [p for p in plans[index].stage.module.parameters() if p.requires_grad]
+            want_input = index > 0 or want_image_grad
+            if not stage_params and not want_input:
+                continue
+            stage_grads, grad = self._backward_tiles(plans[index], stage_source, grad, stage_params,
+                                                     want_input, autocast, first=index == 0)
+            for param, g in zip(stage_params, stage_grads):
+                if g is not None:
+                    totals[id(param)] = g if id(param) not in totals else totals[id(param)].add_(g)
+            if index > 0:
+                maps[index - 1] = None  # type: ignore[index, call-overload]  # free it as soon as possible
+        return [totals.get(id(p)) for p in params], grad if want_image_grad else None
+
+    def _backward_tiles(self, stage_plan: StagePlan, source: ImageSource, grad: torch.Tensor,
+                        params: list[torch.Tensor], want_input_grad: bool, autocast: _Autocast, first: bool
+                        ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        graph, plan = stage_plan.stage.graph, stage_plan.plan
         totals: list[torch.Tensor | None] = [None] * len(params)
-        image_grad: torch.Tensor | None = None
-        if not params and not want_image_grad:
-            return totals, image_grad
+        input_grad: torch.Tensor | None = None
         for tile, raw in self._load_tiles(source, plan, "backward"):
-            leaf, x = self._prepare(raw, requires_grad=want_image_grad)
+            leaf, x = self._prepare(raw, first, requires_grad=want_input_grad)
             with torch.enable_grad(), autocast():
                 y = self._run_tile(graph, plan, tile, x)
             g = grad[:, :, tile.output.rows, tile.output.cols].to(device=y.device, dtype=y.dtype)
-            inputs = params + ([leaf] if want_image_grad else [])
+            inputs = params + ([leaf] if want_input_grad else [])
             tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
             for index, tg in enumerate(tile_grads[:len(params)]):
                 if tg is not None:
                     totals[index] = tg if totals[index] is None else totals[index].add_(tg)
-            if want_image_grad:
-                if image_grad is None:
-                    image_grad = torch.zeros(source.shape, dtype=leaf.dtype, device=leaf.device)
-                image_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1]
-        return totals, image_grad
+            if want_input_grad:
+                if input_grad is None:
+                    input_grad = torch.zeros(source.shape, dtype=leaf.dtype, device=leaf.device)
+                input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1]
+        return totals, input_grad
 
 
 class _StreamedTrunk(torch.autograd.Function):
@@ -301,14 +434,20 @@ class _StreamedTrunk(torch.autograd.Function):
         ctx.autocast = _Autocast.current(engine.device)
         engine._autocast = ctx.autocast
         with torch.no_grad():
-            return engine._forward_tiles(source)
+            out, ctx.maps = engine._forward_stages(source, keep=True)
+        return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         want_image = bool(ctx.needs_input_grad[2])
-        grads, image_grad = ctx.engine._backward_tiles(ctx.source, grad, ctx.params, want_image,
-                                                       ctx.autocast)
+        grads, image_grad = ctx.engine._backward_stages(ctx.source, grad, ctx.maps, ctx.params, want_image,
+                                                        ctx.autocast)
+        ctx.maps = None
         return (None, None, image_grad, *grads)
+
+
+def _version(image: Any) -> int:
+    return image._version if isinstance(image, torch.Tensor) else 0
 
 
 def _channel_vector(values: Sequence[float] | torch.Tensor | None) -> torch.Tensor:

@@ -79,29 +79,40 @@ def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
     return size, size
 
 
-def estimate_step(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], batch_size: int = 1,
+def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
                   bytes_per_value: int = 4) -> StepEstimate:
-    """Predict time ratio and memory of a streamed step for ``plan`` (see :class:`StepEstimate`)."""
-    spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
-    full = plan.layer_sizes
+    """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
 
-    def work(areas: dict[int, int], per: str) -> int:
-        return sum(areas[i] * getattr(costs[i], per) for i in spatial)
+    ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
+    streamed in one piece is a single stage.
+    """
+    total_tile_work = total_whole_work = 0
+    tile_peak = whole_values = kept_maps = 0
+    for index, (graph, plan, costs) in enumerate(stages):
+        spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
+        full = plan.layer_sizes
 
-    whole_areas = {i: full[i][0] * full[i][1] for i in spatial}
-    tile_work, tile_peak = 0, 0
-    row_cache = {r: graph.exact_spans(r, 0, full) for r, _ in plan.row_spans}
-    col_cache = {c: graph.exact_spans(c, 1, full) for c, _ in plan.col_spans}
-    for rows, _ in plan.row_spans:
-        for cols, _ in plan.col_spans:
-            r, c = row_cache[rows], col_cache[cols]
-            areas = {i: max(0, r[i][1] - r[i][0]) * max(0, c[i][1] - c[i][0]) for i in spatial}
-            tile_work += work(areas, "macs_per_pixel")
-            tile_peak = max(tile_peak, work(areas, "elements_per_pixel"))
-    factor = tile_work / max(1, work(whole_areas, "macs_per_pixel"))
-    out_area = plan.output_size[0] * plan.output_size[1]
-    fmap = batch_size * costs[graph.output].elements_per_pixel * out_area * bytes_per_value
-    params = sum(p.numel() for p in graph.trunk.parameters()) * bytes_per_value
-    whole = batch_size * work(whole_areas, "elements_per_pixel") * bytes_per_value + 2 * params
-    peak = batch_size * tile_peak * bytes_per_value + 2 * fmap + 3 * params
-    return StepEstimate(len(plan), factor, 4.0 / 3.0 * factor, peak, whole, fmap)
+        def work(areas: dict[int, int], per: str, costs: list[LayerCost] = costs, spatial: list[int] = spatial
+                 ) -> int:
+            return sum(areas[i] * getattr(costs[i], per) for i in spatial)
+
+        whole_areas = {i: full[i][0] * full[i][1] for i in spatial}
+        rows = {r: graph.exact_spans(r, 0, full) for r, _ in plan.row_spans}
+        cols = {c: graph.exact_spans(c, 1, full) for c, _ in plan.col_spans}
+        for r in rows.values():
+            for c in cols.values():
+                areas = {i: max(0, r[i][1] - r[i][0]) * max(0, c[i][1] - c[i][0]) for i in spatial}
+                total_tile_work += work(areas, "macs_per_pixel")
+                tile_peak = max(tile_peak, work(areas, "elements_per_pixel"))
+        total_whole_work += work(whole_areas, "macs_per_pixel")
+        whole_values += work(whole_areas, "elements_per_pixel")
+        out_values = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
+        if index < len(stages) - 1:
+            kept_maps += 2 * out_values  # the kept stage map and, in the backward, its gradient
+    graph = stages[-1][0]
+    factor = total_tile_work / max(1, total_whole_work)
+    fmap = batch_size * out_values * bytes_per_value
+    params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
+    whole = batch_size * whole_values * bytes_per_value + 2 * params
+    peak = batch_size * (tile_peak + kept_maps) * bytes_per_value + 2 * fmap + 3 * params
+    return StepEstimate(sum(len(p) for _, p, _ in stages), factor, 4.0 / 3.0 * factor, peak, whole, fmap)

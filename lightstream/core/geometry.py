@@ -143,8 +143,9 @@ class Geometry:
         self.graph = graph
         self._spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
         sizes = graph.sizes(_LONG_AXIS, _LONG_AXIS)
-        self._strides = self._cumulative_strides()
-        self.output_stride: tuple[int, int] = self._strides[graph.output]
+        self.strides: list[tuple[int, int]] = self._cumulative_strides()
+        """Cumulative stride (image px per step px) of every step."""
+        self.output_stride: tuple[int, int] = self.strides[graph.output]
         middle = [sizes[graph.output][axis] // 2 for axis in range(2)]
         fields = [graph.needed_span((middle[axis], middle[axis] + 1), axis, sizes) for axis in range(2)]
         self.receptive_field: tuple[int, int] = (fields[0][1] - fields[0][0], fields[1][1] - fields[1][0])
@@ -238,7 +239,7 @@ class Geometry:
         spans = [self.graph.exact_spans((starts[a], starts[a] + tile[a]), a, sizes) for a in range(2)]
         layers = []
         for index in self.graph.window_steps:
-            step, stride = self.graph.steps[index], self._strides[index]
+            step, stride = self.graph.steps[index], self.strides[index]
             lost, fields = [], []
             for axis in range(2):
                 lo, hi = spans[axis][index]

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import torch
 from matplotlib.axes import Axes
-from matplotlib.collections import PatchCollection
+from matplotlib.collections import PolyCollection
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
@@ -81,6 +81,14 @@ def _coverage(spans: tuple[tuple[tuple[int, int], tuple[int, int]], ...]) -> tup
     return edges, counts
 
 
+def _corners(boxes: list[Box]) -> np.ndarray:
+    """``[N, 4, 2]`` polygon corners ``(x, y)`` of boxes, for one fast ``PolyCollection``."""
+    edges = np.array([(b.left, b.top, b.right, b.bottom) for b in boxes], dtype=float).reshape(-1, 4)
+    x0, y0, x1, y1 = edges.T
+    return np.stack([np.stack([x0, y0], -1), np.stack([x1, y0], -1), np.stack([x1, y1], -1),
+                     np.stack([x0, y1], -1)], axis=1)
+
+
 def plot_tile_grid(
     plan: TilePlan,
     image: Any = None,
@@ -92,7 +100,7 @@ def plot_tile_grid(
     """Draw the tiles of ``plan`` over ``image`` (or an empty canvas); returns the figure.
 
     Every tile's input box (the pixels it reads) is outlined; its owned region (output box
-    times output stride, the pixels whose features it produces) is outlined in white; image
+    times output stride, the pixels whose features it produces) is dashed; image
     areas read by more than one tile (the overlap, computed again) are shaded darker the more
     tiles read them. One tile (``highlight``, default the middle one) is drawn boldly.
     The backward recomputes exactly these tiles, so this is also the backward's tiling.
@@ -125,14 +133,12 @@ def plot_tile_grid(
     tiles = plan.tiles
     grid = plan.grid
     chosen = highlight if highlight is not None else (grid[0] // 2, grid[1] // 2) if len(tiles) > 1 else None
-    inputs = [Rectangle((t.input.left, t.input.top), t.input.width, t.input.height) for t in tiles]
-    colors = [_TILE_COLORS[2 * (t.index[0] % 2) + t.index[1] % 2] for t in tiles]
-    ax.add_collection(PatchCollection(inputs, facecolor="none", edgecolors=colors, linewidths=0.8,
-                                      alpha=0.9, gid="input-boxes"))
     owned = [owned_region(t, plan) for t in tiles]
-    ax.add_collection(PatchCollection([Rectangle((b.left, b.top), b.width, b.height) for b in owned],
-                                      facecolor="none", edgecolor="white", linewidths=0.6, linestyle="--",
-                                      gid="owned-regions"))
+    colors = [_TILE_COLORS[2 * (t.index[0] % 2) + t.index[1] % 2] for t in tiles]
+    ax.add_collection(PolyCollection(_corners([t.input for t in tiles]), facecolors="none", edgecolors=colors,
+                                     linewidths=0.8, alpha=0.9, gid="input-boxes"))
+    ax.add_collection(PolyCollection(_corners(owned), facecolors="none", edgecolors="black", linewidths=0.6,
+                                     linestyles="--", alpha=0.7, gid="owned-regions"))
     for tile, region in zip(tiles, owned):
         if tile.index == chosen:
             box = tile.input
@@ -149,7 +155,7 @@ def plot_tile_grid(
     ax.set_ylabel("image y (px)")
     handles = [
         Patch(facecolor="none", edgecolor="tab:blue", label="tile input (read)"),
-        Patch(facecolor="none", edgecolor="0.4", linestyle="--", label="owned region (valid output)"),
+        Patch(facecolor="none", edgecolor="black", linestyle="--", label="owned region (valid output)"),
         Patch(facecolor="tab:red", alpha=0.45, label="overlap (recomputed)"),
     ]
     if chosen is not None:

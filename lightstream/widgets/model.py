@@ -6,11 +6,12 @@ Unit tests and scripts drive :class:`TileTunerModel` directly; the widget only r
 from __future__ import annotations
 
 import logging
-import threading
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -29,7 +30,6 @@ logger = logging.getLogger(__name__)
 _UNCHECKED_TILE = 1 << 20
 """Tile size the tuner's private engine is built with (always valid); the real one is set after."""
 _MAX_DEFAULT_TILE = 16384
-_RSS_INTERVAL_S = 0.005
 
 
 @dataclass(frozen=True)
@@ -40,8 +40,8 @@ class StepMeasurement:
         tile_size: tile side in pixels the step ran with.
         seconds: wall time of the step.
         peak_bytes: on CUDA, the most memory held by tensors during the step
-            (``torch.cuda.max_memory_allocated``); on CPU, the largest growth of the process
-            RSS over its value before the step (sampled every 5 ms).
+            (``torch.cuda.max_memory_allocated``); on CPU, the growth of the process's peak
+            RSS over its RSS before the step (Linux; elsewhere the RSS growth after the step).
         memory_label: which of the two ``peak_bytes`` is.
         device: where the trunk ran.
         backward: whether a backward ran (``False`` when no trunk parameter requires grad).
@@ -249,29 +249,47 @@ class _Peak:
         self.value = 0
 
 
+_PROC_STATUS = Path("/proc/self/status")
+_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark of this process (Linux); whether that worked."""
+    try:
+        _PROC_CLEAR_REFS.write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def _peak_rss() -> int:
+    """The process's peak RSS since the last reset, in bytes (Linux ``VmHWM``)."""
+    match = re.search(r"^VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text(), re.MULTILINE)
+    if match is None:
+        raise OSError("no VmHWM in /proc/self/status")
+    return int(match.group(1)) * 1024
+
+
 @contextmanager
 def _peak_memory(device: torch.device) -> Iterator[_Peak]:
-    """Track the peak memory of the block: CUDA tensor memory, or RSS growth sampled in a thread."""
+    """Track the peak memory of the block: CUDA tensor memory, or the growth of the process RSS.
+
+    On Linux the kernel's peak-RSS mark is reset before the block and read after it (exact, no
+    overhead); elsewhere only the RSS after the block is known.
+    """
     if device.type == "cuda":
         peak = _Peak("GPU peak allocated")
         torch.cuda.reset_peak_memory_stats(device)
         yield peak
         peak.value = torch.cuda.max_memory_allocated(device)
         return
-    peak = _Peak("peak RSS growth")
     process = psutil.Process()
     base = process.memory_info().rss
-    done = threading.Event()
-
-    def sample() -> None:
-        while not done.wait(_RSS_INTERVAL_S):
-            peak.value = max(peak.value, process.memory_info().rss - base)
-
-    sampler = threading.Thread(target=sample, name="lightstream-rss-sampler", daemon=True)
-    sampler.start()
-    try:
+    if _reset_peak_rss():
+        peak = _Peak("peak RSS growth")
         yield peak
-    finally:
-        done.set()
-        sampler.join()
-        peak.value = max(peak.value, process.memory_info().rss - base)
+        peak.value = max(0, _peak_rss() - base)
+    else:
+        peak = _Peak("RSS growth after the step")
+        yield peak
+        peak.value = max(0, process.memory_info().rss - base)

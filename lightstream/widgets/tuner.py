@@ -56,7 +56,8 @@ class TileTuner:
         profile_width: float = 8.5,
         dpi: int = 72,
     ) -> None:
-        self.model = TileTunerModel(model_or_trunk, image, tile_sizes, tile_size=tile_size)
+        self.model = TileTunerModel(model_or_trunk, image, tile_sizes, tile_size=tile_size,
+                                    thumbnail_size=2 * round(max(figsize) * dpi))
         self.grid_figure = Figure(figsize=figsize, layout="constrained")
         self.profile_figure = Figure(figsize=(profile_width, figsize[1]), layout="constrained")
         self.dpi = dpi

@@ -13,58 +13,38 @@ from pathlib import Path
 
 import lightning as L
 import torch
-from torch import nn
 
 from lightstream.modules import StreamingModule
-from streaming_helpers import TILE, image_data, quiet_trainer, tiny_head, tiny_trunk
+from streaming_helpers import AutogradStyle, ReferenceStyle, image_data, quiet_trainer, tiny_head, tiny_trunk
 
 STEPS = 2
 LOCAL_BATCH = 2
 WORLD_SIZE = 2
-LR = 0.5
 
 
-class AutogradStyle(StreamingModule):
-    """The common case: no custom backward."""
-
-    def __init__(self) -> None:
-        super().__init__(tiny_trunk(), tile_size=TILE)
-        self.head = tiny_head()
-
-    def training_step(self, batch, batch_idx):
-        image, target = batch
-        return nn.functional.cross_entropy(self.head(self.forward_streaming(image)), target)
-
-    def configure_optimizers(self):
-        return torch.optim.SGD(self.parameters(), lr=LR)
+class DistributedData:
+    """Lightning's automatic DistributedSampler shuffles training data; this one does not:
+    rank r reads samples r, r + 2, ..., so step s covers samples [4s, 4s + 4) of the dataset."""
 
     def train_dataloader(self):
-        # Lightning's automatic DistributedSampler shuffles training data; this one does not:
-        # rank r reads samples r, r + 2, ..., so step s covers samples [4s, 4s + 4).
         sampler = torch.utils.data.DistributedSampler(dataset(), num_replicas=self.trainer.world_size,
                                                       rank=self.global_rank, shuffle=False)
         return torch.utils.data.DataLoader(dataset(), batch_size=LOCAL_BATCH, sampler=sampler)
 
 
-class ManualStyle(AutogradStyle):
-    """The reference's manual style: backward overridden, backward_streaming called."""
-
-    def training_step(self, batch, batch_idx):
-        self.image, target = batch
-        self.fmap = self.forward_streaming(self.image)
-        self.fmap.requires_grad = self.training
-        return nn.functional.cross_entropy(self.head(self.fmap), target)
-
-    def backward(self, loss):
-        loss.backward()
-        self.backward_streaming(self.image, self.fmap.grad)
+class DistributedAutograd(DistributedData, AutogradStyle):
+    pass
 
 
-STYLES = {"autograd": AutogradStyle, "manual": ManualStyle}
+class DistributedReference(DistributedData, ReferenceStyle):
+    pass
+
+
+STYLES = {"autograd": DistributedAutograd, "manual": DistributedReference}
 
 
 def build_model(style: str) -> StreamingModule:
-    return STYLES[style]()
+    return STYLES[style](tiny_trunk(), tiny_head())
 
 
 def dataset() -> torch.utils.data.TensorDataset:
@@ -80,6 +60,7 @@ class SaveWeights(L.Callback):
 
 
 if __name__ == "__main__":
+    torch.set_num_threads(1)  # two processes share the CPU (see conftest.py)
     for style in STYLES:
         trainer = quiet_trainer(devices=WORLD_SIZE, strategy="ddp", precision="64-true", max_steps=STEPS,
                                 use_distributed_sampler=False, callbacks=[SaveWeights(Path(sys.argv[1]), style)])

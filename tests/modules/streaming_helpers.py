@@ -9,8 +9,11 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightstream.modules import StreamingModule
+
 TILE = 16
 """Tile size of the tiny trunk (receptive field 15 px): 36x28 images stream as 6x4 tiles."""
+LR = 0.5
 
 
 def tiny_trunk(seed: int = 0, dtype: torch.dtype = torch.float64) -> nn.Sequential:
@@ -72,3 +75,34 @@ def max_difference(first: nn.Module, second: nn.Module) -> float:
     one, two = first.state_dict(), second.state_dict()
     assert one.keys() == two.keys()
     return max((one[k].double() - two[k].double()).abs().max().item() for k in one)
+
+
+class AutogradStyle(StreamingModule):
+    """The common case: a training_step with forward_streaming, no custom backward; SGD(LR)."""
+
+    def __init__(self, trunk: nn.Module, head: nn.Module, tile_size: int = TILE, **kwargs) -> None:
+        super().__init__(trunk, tile_size, **kwargs)
+        self.head = head
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def training_step(self, batch, batch_idx):
+        image, target = batch
+        return self.loss_fn(self.head(self.forward_streaming(image)), target)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=LR)
+
+
+class ReferenceStyle(AutogradStyle):
+    """Written as the reference page implies: training_step and backward both implemented."""
+
+    def training_step(self, batch, batch_idx):
+        image, target = batch
+        self.image = image
+        self.str_output = self.forward_streaming(image)
+        self.str_output.requires_grad = self.training
+        return self.loss_fn(self.head(self.str_output), target)
+
+    def backward(self, loss):
+        loss.backward()
+        self.backward_streaming(self.image, self.str_output.grad)

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import ddp_fit
-from streaming_helpers import max_difference, whole_image_sgd
+from streaming_helpers import LR, max_difference, whole_image_sgd
 
 HERE = Path(__file__).parent
 
@@ -36,7 +36,7 @@ def test_ddp_ranks_hold_identical_weights_equal_to_single_process_global_batch(d
     global_batch = ddp_fit.LOCAL_BATCH * ddp_fit.WORLD_SIZE
     # DDP averages the ranks' gradients of their mean losses: the mean loss over the global batch.
     batches = [data[step * global_batch:(step + 1) * global_batch] for step in range(ddp_fit.STEPS)]
-    trunk, head = whole_image_sgd(model.stream_network.stream_module, model.head, batches, ddp_fit.LR)
+    trunk, head = whole_image_sgd(model.stream_network.stream_module, model.head, batches, LR)
     model.stream_network.stream_module.load_state_dict(trunk.state_dict())
     model.head.load_state_dict(head.state_dict())
     reference = model.state_dict()

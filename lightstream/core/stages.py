@@ -1,0 +1,120 @@
+"""Staged streaming: cut a sequential trunk at its downsampling boundaries.
+
+Streaming the whole trunk at once makes every tile pay the receptive field of the *whole*
+trunk in overlap (435 px for ResNet-18). Cutting the trunk into stages, keeping each stage's
+stitched output map, and streaming each stage separately makes each stage pay only its own
+small receptive field, so overlap (and recompute) nearly vanishes. The price is memory: each
+kept map (and its gradient, in the backward) grows with the image area. ``stages="auto"``
+keeps the deepest (smallest) maps that fit ``stage_memory`` bytes; ``stages=[...]`` names the
+cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
+
+Each stage gets its own tile, sized so that one tile of any stage needs about as much memory
+as one tile of the first stage at the user's tile size: memory stays set by the tile.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from torch import nn
+
+from .estimate import LayerCost, layer_costs
+from .geometry import Geometry, TilePlan
+from .graph import TrunkGraph
+
+MIN_CUT_STRIDE = 4
+
+__all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_size", "stage_costs",
+           "tile_elements"]
+
+
+@dataclass
+class Stage:
+    """A contiguous run of a sequential trunk's children, streamed on its own."""
+
+    name: str
+    module: nn.Sequential
+    graph: TrunkGraph
+    geometry: Geometry
+    input_stride: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class StagePlan:
+    """The tile plan of one stage, in the pixels of that stage's input map."""
+
+    stage: Stage
+    tile_size: tuple[int, int]
+    plan: TilePlan
+
+
+def split_stages(trunk: nn.Module, cuts: Sequence[int]) -> list[Stage]:
+    """Stages of ``trunk`` cut before each child index in ``cuts`` (module paths are kept)."""
+    children = list(trunk.named_children())
+    bounds = [0, *sorted(set(cuts)), len(children)]
+    stages: list[Stage] = []
+    stride = (1, 1)
+    for start, stop in zip(bounds, bounds[1:]):
+        module = nn.Sequential(OrderedDict(children[start:stop]))
+        graph = TrunkGraph(module)
+        geometry = Geometry(graph)
+        name = children[start][0] if stop - start == 1 else f"{children[start][0]}..{children[stop - 1][0]}"
+        stages.append(Stage(name, module, graph, geometry, stride))
+        stride = (stride[0] * geometry.output_stride[0], stride[1] * geometry.output_stride[1])
+    return stages
+
+
+def candidate_cuts(trunk: nn.Module) -> list[int]:
+    """Child indices after which the map has just been downsampled (and is not the output).
+
+    Only maps downsampled at least ``MIN_CUT_STRIDE`` times are worth keeping (a map at half
+    resolution costs more memory than the overlap it saves); ``[]`` for non-sequential trunks.
+    """
+    if not isinstance(trunk, nn.Sequential):
+        return []
+    cuts = []
+    total = (1, 1)
+    for index, child in enumerate(list(trunk.children())[:-1]):
+        stride = Geometry(TrunkGraph(nn.Sequential(child))).output_stride
+        total = (total[0] * stride[0], total[1] * stride[1])
+        if stride != (1, 1) and min(total) >= MIN_CUT_STRIDE:
+            cuts.append(index + 1)
+    return cuts
+
+
+def tile_elements(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
+    """Values one interior tile of ``tile`` pixels stores (per image of the batch)."""
+    graph = stage.graph
+    strides = stage.geometry.strides
+    total = 0.0
+    for index, step in enumerate(graph.steps):
+        if step.spatial:
+            area = math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
+            total += costs[index].elements_per_pixel * area
+    return total
+
+
+def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_size: tuple[int, int]
+                    ) -> tuple[int, int]:
+    """The largest square-ish tile of ``stage`` whose values fit ``budget`` (>= its receptive field)."""
+    field = stage.geometry.receptive_field
+    low, high = max(field), max(max(map_size), max(field))
+    if tile_elements(stage, costs, (high, high)) <= budget:
+        return (max(field[0], min(high, map_size[0])), max(field[1], min(high, map_size[1])))
+    while high - low > 1:
+        middle = (low + high) // 2
+        low, high = (middle, high) if tile_elements(stage, costs, (middle, middle)) <= budget else (low, middle)
+    return (max(low, field[0]), max(low, field[1]))
+
+
+def stage_costs(stages: list[Stage], in_channels: int) -> list[list[LayerCost]]:
+    """Layer costs of each stage, feeding each stage the channel count the previous one outputs."""
+    out, channels = [], in_channels
+    for stage in stages:
+        costs = layer_costs(stage.graph, channels)
+        out.append(costs)
+        channels = costs[stage.graph.output].elements_per_pixel
+    return out

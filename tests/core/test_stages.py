@@ -1,0 +1,65 @@
+"""Staged streaming (cut at downsampling boundaries) is exact and cuts overlap."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torchvision import models
+
+from lightstream import StreamingCNN
+from tests.conftest import assert_streaming_exact, relative_error
+from tests.core.test_exactness_torchvision import _prepare
+
+
+def _resnet18() -> nn.Sequential:
+    return _prepare(nn.Sequential(*list(models.resnet18().children())[:-2]))
+
+
+def test_auto_stages_on_resnet18_are_exact_and_every_stage_tiles() -> None:
+    image = torch.randn(2, 3, 352, 320, dtype=torch.float64)
+    scnn = assert_streaming_exact(_resnet18(), image, tile_size=160, stages="auto")
+    plans = scnn.stage_plans(image.shape)
+    assert [p.stage.name for p in plans] == ["0..3", "4..5", "6", "7"]
+    assert all(len(p.plan) > 1 for p in plans[:2])
+
+
+def test_explicit_stage_cuts_are_exact_with_tiles_smaller_than_the_trunks_receptive_field() -> None:
+    trunk = _resnet18()
+    assert trunk and StreamingCNN(trunk, tile_size=435).geometry.receptive_field == (435, 435)
+    image = torch.randn(1, 3, 256, 288, dtype=torch.float64)
+    assert_streaming_exact(trunk, image, tile_size=128, stages=[4, 6, 7])
+
+
+def test_forward_autograd_with_stages_is_exact() -> None:
+    trunk = _resnet18()
+    image = torch.randn(1, 3, 256, 256, dtype=torch.float64, requires_grad=True)
+    trunk(image).square().sum().backward()
+    expected = [p.grad.clone() for p in trunk.parameters()] + [image.grad.clone()]
+    trunk.zero_grad(set_to_none=True)
+    image.grad = None
+    scnn = StreamingCNN(trunk, tile_size=96, stages=[4, 5, 6, 7])
+    scnn.forward_autograd(image).square().sum().backward()
+    for actual, e in zip([p.grad for p in trunk.parameters()] + [image.grad], expected):
+        assert relative_error(actual, e) <= 1e-10
+
+
+def test_backward_without_kept_maps_recomputes_them() -> None:
+    trunk = _resnet18()
+    image = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    scnn = StreamingCNN(trunk, tile_size=96, stages="auto")
+    with torch.no_grad():
+        fmap = scnn(image)  # nothing kept under no_grad
+    reference = trunk(image)
+    reference.sum().backward()
+    expected = [p.grad.clone() for p in trunk.parameters()]
+    trunk.zero_grad(set_to_none=True)
+    scnn.backward(image, torch.ones_like(fmap))
+    for p, e in zip(trunk.parameters(), expected):
+        assert relative_error(p.grad, e) <= 1e-10
+
+
+def test_staging_cuts_recompute_for_small_tiles() -> None:
+    trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
+    whole = StreamingCNN(trunk, tile_size=1024).estimate((1, 3, 2048, 2048))
+    staged = StreamingCNN(trunk, tile_size=1024, stages="auto").estimate((1, 3, 2048, 2048))
+    assert staged.recompute_factor < 1.1 < 1.5 < whole.recompute_factor

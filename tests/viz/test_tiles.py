@@ -1,0 +1,98 @@
+"""plot_tile_grid, owned_region and thumbnail."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import torch
+from matplotlib.figure import Figure
+from PIL import Image
+
+from lightstream import StreamingCNN
+from lightstream.viz import owned_region, plot_tile_grid, thumbnail
+
+
+def test_grid_draws_every_tile_and_states_counts(engine: StreamingCNN, artist: Callable) -> None:
+    plan = engine.plan((200, 300))
+    figure = plot_tile_grid(plan, torch.rand(1, 3, 200, 300))
+    assert isinstance(figure, Figure)
+    assert len(artist(figure, "input-boxes").get_paths()) == len(plan) > 1
+    assert len(artist(figure, "owned-regions").get_paths()) == len(plan)
+    title = figure.axes[0].get_title()
+    assert f"{len(plan)} tiles ({plan.grid[0]}×{plan.grid[1]})" in title
+    assert f"×{plan.recompute_factor:.2f}" in title
+    assert "same tiles" in title  # the backward's tiles are the forward's
+    assert artist(figure, "overlap") is not None
+    assert artist(figure, "highlight-owned") is not None
+
+
+def test_tile_count_follows_the_tile_size(engine: StreamingCNN, artist: Callable) -> None:
+    counts = []
+    for size in (48, 64, 128):
+        engine.tile_size = (size, size)
+        figure = plot_tile_grid(engine.plan((256, 256)))
+        counts.append(len(artist(figure, "input-boxes").get_paths()))
+    assert counts[0] > counts[1] > counts[2]
+
+
+def test_owned_regions_partition_the_covered_image(engine: StreamingCNN) -> None:
+    plan = engine.plan((203, 157))
+    covered = np.zeros(plan.image_size, dtype=int)
+    for tile in plan.tiles:
+        box = owned_region(tile, plan)
+        inside = tile.input
+        assert inside.top <= box.top and box.bottom <= inside.bottom
+        assert inside.left <= box.left and box.right <= inside.right
+        covered[box.rows, box.cols] += 1
+    (sy, sx), (oh, ow) = plan.output_stride, plan.output_size
+    assert covered.max() == 1
+    assert covered.sum() == min(oh * sy, 203) * min(ow * sx, 157)
+
+
+def test_one_tile_has_no_overlap_and_no_highlight(engine: StreamingCNN) -> None:
+    engine.tile_size = (512, 512)
+    figure = plot_tile_grid(engine.plan((100, 100)))
+    gids = {a.get_gid() for a in figure.axes[0].get_children()}
+    assert "overlap" not in gids and "highlight-owned" not in gids
+    assert figure.axes[0].get_title().startswith("1 tile (1×1)")
+
+
+def test_thumbnail_smaller_than_the_image_is_stretched_over_it(engine: StreamingCNN) -> None:
+    plan = engine.plan((400, 600))
+    small = np.zeros((40, 60, 3), dtype=np.uint8)
+    figure = Figure()
+    ax = figure.add_subplot()
+    assert plot_tile_grid(plan, small, ax=ax) is figure
+    (image,) = ax.images
+    assert image.get_array().shape[:2] == (40, 60)
+    assert tuple(image.get_extent()) == (0, 600, 400, 0)
+    assert ax.get_xlim() == (0, 600) and ax.get_ylim() == (400, 0)
+
+
+class _LazySlide:
+    shape = (1, 3, 5000, 3000)
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        return np.full((max_size, max_size * 3 // 5, 3), 200, dtype=np.uint8)
+
+
+@pytest.mark.parametrize(("image", "shape"), [
+    (torch.rand(2, 3, 50, 80), (50, 80, 3)),
+    (torch.rand(1, 50, 80), (50, 80)),
+    (np.zeros((50, 80), dtype=np.uint8), (50, 80)),
+    (Image.new("RGB", (80, 50)), (50, 80, 3)),
+    (torch.rand(1, 3, 4000, 1000), (1000, 250, 3)),
+    (_LazySlide(), (1000, 600, 3)),
+])
+def test_thumbnail_accepts_tensors_arrays_images_and_slides(image: object, shape: tuple[int, ...]) -> None:
+    array = thumbnail(image, max_size=1000)
+    assert array.shape == shape
+    if array.dtype != np.uint8:
+        assert 0.0 <= array.min() and array.max() <= 1.0
+
+
+def test_thumbnail_rejects_what_it_cannot_draw() -> None:
+    with pytest.raises(TypeError, match="cannot draw"):
+        thumbnail("not an image")
