@@ -1,4 +1,15 @@
-"""lightstream: train CNNs end to end on images far larger than memory, by exact streaming."""
+"""lightstream: train CNNs end to end on images far larger than memory, by exact streaming.
+
+The core (``StreamingCNN`` and its geometry) is pure PyTorch. ``StreamingModule`` and
+``ImageClassifier`` (Lightning) are imported on first use, so ``import lightstream`` stays
+light; slides live in :mod:`lightstream.data`, backbones in :mod:`lightstream.models`,
+figures in :mod:`lightstream.viz` and notebook widgets in :mod:`lightstream.widgets`.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 from .core import (
     Box,
@@ -15,7 +26,16 @@ from .core import (
 
 __version__ = "0.1.0"
 
+_LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules"}
+
 __all__ = [
-    "Box", "Geometry", "ImageSource", "LayerProfile", "StreamingCNN", "StreamingError", "Tile",
-    "TilePlan", "TileTooSmallError", "UnsupportedLayerError", "__version__",
+    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StreamingCNN",
+    "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError",
+    "UnsupportedLayerError", "__version__",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'lightstream' has no attribute {name!r}")

@@ -408,8 +408,8 @@ class StreamingCNN(nn.Module):
         totals: list[torch.Tensor | None] = [None] * len(params)
         input_grad: torch.Tensor | None = None
         for tile, raw in self._load_tiles(source, plan, "backward"):
-            leaf, x = self._prepare(raw, first, requires_grad=want_input_grad)
-            with torch.enable_grad(), autocast():
+            with torch.enable_grad(), autocast():  # enable_grad: autograd's backward runs without it
+                leaf, x = self._prepare(raw, first, requires_grad=want_input_grad)
                 y = self._run_tile(graph, plan, tile, x)
             g = grad[:, :, tile.output.rows, tile.output.cols].to(device=y.device, dtype=y.dtype)
             inputs = params + ([leaf] if want_input_grad else [])
@@ -418,9 +418,10 @@ class StreamingCNN(nn.Module):
                 if tg is not None:
                     totals[index] = tg if totals[index] is None else totals[index].add_(tg)
             if want_input_grad:
-                if input_grad is None:
-                    input_grad = torch.zeros(source.shape, dtype=leaf.dtype, device=leaf.device)
-                input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1]
+                if input_grad is None:  # where the image lives (a lazy source: host memory)
+                    device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
+                    input_grad = torch.zeros(source.shape, dtype=leaf.dtype, device=device)
+                input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1].to(input_grad.device)
         return totals, input_grad
 
 

@@ -65,8 +65,9 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
         elements[index] = value.numel() // max(1, h * w * value.shape[0])
 
     size = max(probe, *graph_min_size(graph))
+    dtype = next((p.dtype for p in graph.trunk.parameters() if p.is_floating_point()), torch.get_default_dtype())
     with FakeTensorMode(allow_non_fake_inputs=True):
-        tile = torch.empty(1, in_channels, size, size)
+        tile = torch.empty(1, in_channels, size, size, dtype=dtype)
         graph.run(tile, (0, size), (0, size), graph.sizes(size, size), observe)
     return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0))) for i in range(len(graph.steps))]
 

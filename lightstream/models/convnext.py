@@ -17,19 +17,25 @@ CONVNEXT_NAMES = ("convnext_tiny", "convnext_small", "convnext_base", "convnext_
 """The torchvision builders :class:`StreamingConvNext` accepts as ``model_name``."""
 
 
-def split_convnext(network: ConvNeXt, last_trunk_layer: str = "features"
+def split_convnext(network: ConvNeXt, last_trunk_layer: str | int | None = None
                    ) -> tuple[nn.Sequential, nn.Sequential]:
     """Split a torchvision ConvNeXt into ``(trunk, head)`` after ``last_trunk_layer``.
 
-    Layers, in order: ``features avgpool classifier`` (torchvision's names); only ``features``
-    can be streamed, as ``avgpool`` is global.
+    Layers, in order: the blocks of ``features`` (named ``"0"`` to ``"7"``, so the trunk is
+    ``features`` itself, a flat sequence that ``stages="auto"`` can cut), then ``avgpool`` and
+    ``classifier``. ``None`` ends the trunk after the last block; a block index ends it
+    earlier; ``avgpool`` or later puts global pooling in the trunk, which the engine refuses.
     """
-    layers = [(name, getattr(network, name)) for name in ("features", "avgpool", "classifier")]
-    return split_layers(layers, last_trunk_layer)
+    layers = [*network.features.named_children(), ("avgpool", network.avgpool), ("classifier", network.classifier)]
+    last = len(network.features) - 1 if last_trunk_layer is None else last_trunk_layer
+    return split_layers(layers, str(last))
 
 
 class StreamingConvNext(ImageClassifier):
     """A torchvision ConvNeXt with its ``features`` streamed; pooling and classifier form the head.
+
+    The trunk's state-dict keys are those of torchvision's ``features`` (``0.0.weight`` is
+    torchvision's ``features.0.0.weight``); see :func:`split_convnext` for ``last_trunk_layer``.
 
     Stochastic depth is built with probability 0: it drops residual branches at random per
     sample, and the backward's recomputation of a tile would draw different drops than its
@@ -37,8 +43,8 @@ class StreamingConvNext(ImageClassifier):
     and stream exactly in training mode.
 
     Args:
-        model_name: one of :data:`CONVNEXT_NAMES` (tiny and small are the practical ones; the
-            receptive field of ``features`` is 1688 px, the smallest tile).
+        model_name: one of :data:`CONVNEXT_NAMES`. The receptive field of ``features``, the
+            smallest tile, is 1688 px for tiny and 3416 px for the others.
         Others as in :class:`~lightstream.models.StreamingResNet`.
     """
 
@@ -52,7 +58,7 @@ class StreamingConvNext(ImageClassifier):
         *,
         num_classes: int = 1000,
         weights: WeightsEnum | str | None = None,
-        last_trunk_layer: str = "features",
+        last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         if model_name not in CONVNEXT_NAMES:

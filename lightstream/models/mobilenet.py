@@ -14,24 +14,28 @@ from ._torchvision import build_network, classifier_for, normalization_defaults,
 __all__ = ["StreamingMobileNetV2", "split_mobilenet_v2"]
 
 
-def split_mobilenet_v2(network: MobileNetV2, last_trunk_layer: str = "features"
+def split_mobilenet_v2(network: MobileNetV2, last_trunk_layer: str | int | None = None
                        ) -> tuple[nn.Sequential, nn.Sequential]:
     """Split a torchvision MobileNetV2 into ``(trunk, head)`` after ``last_trunk_layer``.
 
-    Layers, in order: ``features avgpool flatten classifier`` (torchvision pools and flattens
-    functionally in ``forward``; here they are modules); only ``features`` can be streamed.
+    Layers, in order: the blocks of ``features`` (named ``"0"`` to ``"18"``, so the trunk is
+    ``features`` itself, which ``stages="auto"`` can cut), then ``avgpool`` and ``flatten``
+    (functional in torchvision's ``forward``, modules here) and ``classifier``. ``None`` ends
+    the trunk after the last block; ``avgpool`` or later is refused by the engine.
     """
-    layers = [("features", network.features), ("avgpool", nn.AdaptiveAvgPool2d(1)),
+    layers = [*network.features.named_children(), ("avgpool", nn.AdaptiveAvgPool2d(1)),
               ("flatten", nn.Flatten(1)), ("classifier", network.classifier)]
-    return split_layers(layers, last_trunk_layer)
+    last = len(network.features) - 1 if last_trunk_layer is None else last_trunk_layer
+    return split_layers(layers, str(last))
 
 
 class StreamingMobileNetV2(ImageClassifier):
     """torchvision's MobileNetV2 with ``features`` streamed (receptive field 491 px).
 
     The trunk's BatchNorm layers stay in eval mode (their affine parameters still train); the
-    head's dropout is unaffected. Arguments as in :class:`~lightstream.models.StreamingResNet`,
-    without ``model_name``.
+    head's dropout is unaffected. The trunk's state-dict keys are those of torchvision's
+    ``features``; see :func:`split_mobilenet_v2` for ``last_trunk_layer``. Other arguments as in
+    :class:`~lightstream.models.StreamingResNet`, without ``model_name``.
     """
 
     def __init__(
@@ -43,7 +47,7 @@ class StreamingMobileNetV2(ImageClassifier):
         *,
         num_classes: int = 1000,
         weights: WeightsEnum | str | None = None,
-        last_trunk_layer: str = "features",
+        last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
         network, resolved = build_network("mobilenet_v2", weights, num_classes)

@@ -35,8 +35,8 @@ class StreamingResNet(ImageClassifier):
 
     Args:
         model_name: one of :data:`RESNET_NAMES`.
-        tile_size: tile height and width in image pixels (at least the receptive field,
-            435 px for resnet18 up to ``layer4``).
+        tile_size: tile height and width in image pixels, at least the trunk's receptive field
+            (up to ``layer4``: 435 px for resnet18, 899 for resnet34, 427 for resnet50).
         loss_fn, train_streaming_layers, metrics: as in :class:`~lightstream.modules.ImageClassifier`.
         num_classes: outputs of ``fc`` (a new ``fc`` replaces the pretrained one when it differs).
         weights: ``None`` (random initialisation) or torchvision weights (enum or name such as

@@ -27,7 +27,7 @@ calls :meth:`forward_streaming` under ``torch.no_grad()``, e.g. with manual opti
         loss.backward()
         self.backward_streaming(self.image, self.fmap.grad)
 
-:meth:`backward_streaming` does not recompute the forward: the module keeps the autograd graph
+:meth:`backward_streaming` does not run the forward again: the module keeps the autograd graph
 of the last detached forward (one image) and backpropagates ``gradient`` through it, so this
 path is also exact, also replays the forward's autocast state, and also reaches DDP's hooks.
 Calling it after an attached forward raises (it would count the trunk's gradient twice).
@@ -38,15 +38,15 @@ BatchNorm in training mode normalises with statistics of the whole image, which 
 reproduce, so the trunk's BatchNorm layers always stay in eval mode (running statistics; their
 affine weights still train). :meth:`StreamingModule.train` re-freezes them after every
 ``.train()`` call, and :meth:`on_train_epoch_start` does it again in case user code switched
-modes directly. Lightning warns at fit start that some modules are in eval mode: these are
-they, on purpose.
+modes directly. Lightning warns at fit start that some modules are in eval mode: those are
+the trunk's BatchNorm layers, frozen on purpose.
 """
 
 from __future__ import annotations
 
 import logging
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import lightning as L
 import torch
@@ -83,7 +83,7 @@ class StreamingModule(L.LightningModule):
         **kwargs: ``tile_cache_dir`` (a directory; ``None``, the default, writes no cache file),
             ``tile_cache_fname`` (file name; default derived from the cache key); everything
             else goes to :class:`~lightstream.core.StreamingCNN` (``mean``, ``std``,
-            ``saliency``, ``progress``).
+            ``saliency``, ``progress``, ``stages``, ``stage_memory``).
 
     Subclasses implement ``training_step`` (and the other steps) with
     :meth:`forward_streaming`; see the module docstring for how gradients reach the trunk.
@@ -108,6 +108,7 @@ class StreamingModule(L.LightningModule):
             stream_network.requires_grad_(False)
             logger.info("train_streaming_layers=False: the streamed trunk's parameters are frozen")
         _freeze_batch_norm(stream_network)  # before the engine traces the trunk
+        self._engine_options = kwargs
         self.stream_network = StreamingCNN(stream_network, tile_size=tile_size, **kwargs)
         self._streaming_hooks_enabled = True
         self._awaiting_backward: tuple[Tensor | ImageSource, Tensor] | None = None
@@ -119,16 +120,17 @@ class StreamingModule(L.LightningModule):
         """Tile ``(height, width)`` in image pixels.
 
         Setting it rebuilds the streaming engine around the same trunk (same parameters, so
-        optimisers stay valid): plans are made afresh, a tile smaller than the receptive field
-        raises :class:`~lightstream.TileTooSmallError`, and the tile cache is re-checked.
+        optimisers stay valid) with the options it was constructed with: plans are made
+        afresh, a tile smaller than the receptive field raises
+        :class:`~lightstream.TileTooSmallError`, and the tile cache is re-checked.
         """
         return self.stream_network.tile_size
 
     @tile_size.setter
     def tile_size(self, new_tile_size: int | tuple[int, int]) -> None:
         old = self.stream_network
-        self.stream_network = StreamingCNN(old.stream_module, tile_size=new_tile_size, saliency=old.saliency,
-                                           mean=old.mean, std=old.std, progress=old.progress)
+        self.stream_network = StreamingCNN(old.stream_module, tile_size=new_tile_size, **self._engine_options)
+        self.stream_network.to(old.mean.device)
         logger.info("tile size changed from %s to %s", old.tile_size, self.stream_network.tile_size)
         self._sync_tile_cache()
 
@@ -165,7 +167,7 @@ class StreamingModule(L.LightningModule):
         """
         _freeze_batch_norm(self.stream_network.stream_module)
 
-    def train(self, mode: bool = True) -> StreamingModule:
+    def train(self, mode: bool = True) -> Self:
         """Set training mode like ``nn.Module.train``, keeping the trunk's BatchNorm in eval mode."""
         super().train(mode)
         self.freeze_streaming_normalization_layers()
@@ -208,9 +210,10 @@ class StreamingModule(L.LightningModule):
         """Backpropagate ``gradient`` (of the feature map) through the trunk: the manual style.
 
         ``image`` must be the object last given to :meth:`forward_streaming`, which returned
-        a detached feature map; its graph is used, so nothing is recomputed twice and the
-        trunk's gradients arrive through autograd (DDP and accumulation see them). Does nothing
-        when the trunk needs no gradient.
+        a detached feature map and kept its autograd graph: the streamed backward runs from
+        that graph (no second forward, the forward's autocast state replayed), and the trunk's
+        gradients arrive through autograd, so DDP and gradient accumulation see them. Does
+        nothing when the trunk needs no gradient.
 
         Raises:
             StreamingError: when no detached forward of ``image`` awaits its backward (e.g. the

@@ -3,8 +3,9 @@
 The streaming geometry is exact integer arithmetic and takes milliseconds, so nothing needs
 to be cached for speed. The file is a record a run can be checked against: it names the
 trunk's architecture (a fingerprint of its geometry and parameter shapes), the tile size, the
-dtype it computes in, and the numbers a data pipeline cares about (receptive field, output
-stride, tile stride). It is plain JSON, so loading it never unpickles anything.
+dtype it computes in, the stage setting, and the numbers a data pipeline cares about
+(receptive field, output stride, tile stride). It is plain JSON, so loading it never
+unpickles anything.
 """
 
 from __future__ import annotations
@@ -34,16 +35,12 @@ def interior_tile_stride(engine: StreamingCNN) -> tuple[int, int]:
     """Image pixels between the starts of two neighbouring interior tiles, per axis.
 
     This is the tile size minus the border each tile loses on both sides, rounded down to the
-    output stride: what one more tile adds to the image a plan can cover. It is read off the
-    middle tile of a plan four tiles long, so it is what the engine really executes.
+    output stride: what one more tile adds to the image a plan can cover. It is the
+    :attr:`~lightstream.TilePlan.tile_stride` of a plan four tiles long (so that it has interior
+    tiles), which is what the engine executes; with stages, of the first stage's plan.
     """
     tile_h, tile_w = engine.tile_size
-    plan = engine.plan((4 * tile_h, 4 * tile_w))
-    strides = []
-    for spans, stride in ((plan.row_spans, plan.output_stride[0]), (plan.col_spans, plan.output_stride[1])):
-        _, (first, last) = spans[len(spans) // 2]
-        strides.append((last - first) * stride)
-    return strides[0], strides[1]
+    return engine.plan((4 * tile_h, 4 * tile_w)).tile_stride
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -52,12 +49,14 @@ def _dtype_name(dtype: torch.dtype) -> str:
 
 @dataclass(frozen=True)
 class TileCache:
-    """How one trunk streams at one tile size and dtype; compared field by field on load."""
+    """How one trunk streams at one tile size, dtype and stage setting; compared field by field on load."""
 
     architecture: str
     """Fingerprint of the trunk: its geometry plus the names and shapes of its tensors."""
     tile_size: tuple[int, int]
     dtype: str
+    stages: str
+    """The engine's ``stages`` setting (``"None"``, ``"auto"`` or the cut indices)."""
     receptive_field: tuple[int, int]
     output_stride: tuple[int, int]
     tile_stride: tuple[int, int]
@@ -73,6 +72,7 @@ class TileCache:
             architecture=digest.hexdigest()[:16],
             tile_size=tuple(engine.tile_size),  # type: ignore[arg-type]
             dtype=_dtype_name(dtype),
+            stages=str(engine.stages),
             receptive_field=tuple(geometry.receptive_field),  # type: ignore[arg-type]
             output_stride=tuple(geometry.output_stride),  # type: ignore[arg-type]
             tile_stride=interior_tile_stride(engine),
@@ -81,8 +81,8 @@ class TileCache:
 
     @property
     def key(self) -> str:
-        """Short hash of what the record is keyed by: architecture, tile size and dtype."""
-        text = f"{self.architecture}|{self.tile_size[0]}x{self.tile_size[1]}|{self.dtype}"
+        """Short hash of what the record is keyed by: architecture, tile size, dtype and stages."""
+        text = f"{self.architecture}|{self.tile_size[0]}x{self.tile_size[1]}|{self.dtype}|{self.stages}"
         return hashlib.sha256(text.encode()).hexdigest()[:16]
 
     def differences(self, other: TileCache) -> list[str]:

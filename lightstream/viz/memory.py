@@ -63,7 +63,8 @@ def plot_memory(history: Sequence[MemorySample], axes: tuple[Axes, Axes] | None 
         memory_ax, time_ax = axes
         figure = memory_ax.get_figure(root=True)
     if not history:
-        memory_ax.text(0.5, 0.5, "no steps recorded yet", ha="center", va="center", transform=memory_ax.transAxes)
+        memory_ax.text(0.5, 0.5, "no steps recorded yet", ha="center", va="center",
+                       transform=memory_ax.transAxes)
         return figure
     steps = [sample.step for sample in history]
     for name, label, color, style in _SERIES:

@@ -70,33 +70,35 @@ def plot_receptive_profile(
 
     Args:
         profile: ``Geometry.profile(tile_size)``, or a list of such profiles (one per stage of
-            a staged trunk): stages are drawn one after another with a cut marker between them.
+            a staged trunk, in image px: see :func:`lightstream.widgets.stage_profiles`): stages
+            are drawn one after another with a cut marker between them.
         ax: draw on this Axes instead of a new figure.
         cuts: layer paths after which to draw a stage cut marker (in addition to the stage
             boundaries of a list of profiles).
-        tile_size: when given, the title states the valid interior of such a tile.
-        mark_limiting: mark the layer found by :func:`limiting_layer`.
+        tile_size: when given (and unstaged), the title states the valid interior of such a tile.
+        mark_limiting: mark the layer found by :func:`limiting_layer` (in each stage: a stage
+            is tiled on its own, so each has its own tile stride).
     """
     stages = _as_stages(profile)
     layers = [layer for stage in stages for layer in stage]
     figure, ax = figure_and_axes(ax, (9.0, 4.5))
     if not layers:
-        ax.text(0.5, 0.5, "no convolution or pooling layer", ha="center", va="center", transform=ax.transAxes)
+        ax.text(0.5, 0.5, "no layers to draw", ha="center", va="center", transform=ax.transAxes)
         return figure
     x = np.arange(len(layers))
     lost = np.array([layer.lost for layer in layers])
 
     _draw_stride_bands(ax, layers)
-    styles = {"top": ("tab:blue", "-"), "left": ("tab:cyan", "--"),
-              "bottom": ("tab:red", "-"), "right": ("tab:orange", "--")}
-    for side in ("top", "bottom"):
-        across = "left" if side == "top" else "right"
+    colors = {"top": "tab:blue", "left": "tab:cyan", "bottom": "tab:red", "right": "tab:orange"}
+    # top/left thick under bottom/right thin: both stay visible where the sides coincide
+    for side, across, width in (("top", "left", 2.6), ("bottom", "right", 1.3)):
         column, other = lost[:, _SIDES.index(side)], lost[:, _SIDES.index(across)]
-        if np.array_equal(column, other):
-            ax.step(x, column, where="mid", color=styles[side][0], label=f"lost {side} = {across}")
-        else:
-            ax.step(x, column, where="mid", color=styles[side][0], label=f"lost {side}")
-            ax.step(x, other, where="mid", color=styles[across][0], linestyle="--", label=f"lost {across}")
+        same = np.array_equal(column, other)
+        ax.step(x, column, where="mid", color=colors[side], linewidth=width,
+                label=f"lost {side} = {across}" if same else f"lost {side}")
+        if not same:
+            ax.step(x, other, where="mid", color=colors[across], linewidth=width, linestyle="--",
+                    label=f"lost {across}")
     ax.set_ylabel("lost border per side (image px)")
     ax.set_ylim(bottom=0)
 
@@ -116,28 +118,33 @@ def plot_receptive_profile(
     if positions:
         ax.plot([], [], color="black", linestyle="-.", label="stage cut")
 
-    if mark_limiting:
-        index = limiting_layer(layers)
-        growth = border_increase(layers)[index]
-        ax.axvline(index, color="tab:red", linewidth=2.0, alpha=0.5, gid="limiting-layer")
-        ax.annotate(f"limits tile stride:\n{layers[index].path} (+{growth} px)", xy=(index, 0.55),
-                    xycoords=ax.get_xaxis_transform(), xytext=(-6, 0), textcoords="offset points",
-                    ha="right", va="center", fontsize="x-small", color="tab:red",
-                    bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+    offset = 0
+    for stage in stages if mark_limiting else []:
+        if stage:
+            index = offset + limiting_layer(stage)
+            growth = border_increase(stage)[index - offset]
+            ax.axvline(index, color="tab:red", linewidth=2.0, alpha=0.5, gid="limiting-layer")
+            ax.annotate(f"limits tile stride:\n{layers[index].path} (+{growth} px)", xy=(index, 0.55),
+                        xycoords=ax.get_xaxis_transform(), xytext=(-6, 0), textcoords="offset points",
+                        ha="right", va="center", fontsize="x-small", color="tab:red",
+                        bbox={"facecolor": "white", "edgecolor": "none", "alpha": 0.8})
+        offset += len(stage)
 
     step = max(1, -(-len(layers) // _MAX_TICK_LABELS))
-    ax.set_xticks(x[::step], [layer.path for layer in layers][::step], rotation=90, fontsize="xx-small")
+    ax.set_xticks(x[::step], [layer.path for layer in layers][::step], rotation=90,
+                  fontsize="x-small" if len(layers) <= _MAX_TICK_LABELS // 2 else "xx-small")
     ax.set_xlim(-0.5, len(layers) - 0.5)
     handles, labels = ax.get_legend_handles_labels()
     more_handles, more_labels = field_ax.get_legend_handles_labels()
     ax.legend(handles + more_handles, labels + more_labels, loc="upper left", fontsize="x-small",
               framealpha=0.85)
-    ax.set_title(_title(layers, tile_size), fontsize="medium", pad=12)
+    ax.set_title(_title(stages, tile_size), fontsize="medium", pad=12)
     logger.debug("drew the profile of %d layers in %d stage(s)", len(layers), len(stages))
     return figure
 
 
-def _as_stages(profile: Sequence[LayerProfile] | Sequence[Sequence[LayerProfile]]) -> list[list[LayerProfile]]:
+def _as_stages(profile: Sequence[LayerProfile] | Sequence[Sequence[LayerProfile]]
+               ) -> list[list[LayerProfile]]:
     if profile and not isinstance(profile[0], LayerProfile):
         return [list(stage) for stage in profile]  # type: ignore[arg-type]
     return [list(profile)]  # type: ignore[arg-type]
@@ -158,8 +165,14 @@ def _draw_stride_bands(ax: Axes, layers: list[LayerProfile]) -> None:
             start, band = index, band + 1
 
 
-def _title(layers: list[LayerProfile], tile_size: int | tuple[int, int] | None) -> str:
-    top, left, bottom, right = layers[-1].lost
+def _title(stages: list[list[LayerProfile]], tile_size: int | tuple[int, int] | None) -> str:
+    ends = [stage[-1].lost for stage in stages if stage]
+    if len(ends) > 1:
+        borders = ", ".join(f"{top}/{bottom}" for top, _, bottom, _ in ends)
+        return (f"{len(ends)} stages, each streamed on its own; lost border at each stage's end: "
+                f"{borders} px (top/bottom)\nforward = backward (the backward recomputes each tile's "
+                "forward region)")
+    top, left, bottom, right = ends[0]
     title = f"lost border: {top}/{bottom} px (top/bottom), {left}/{right} px (left/right)"
     if tile_size is not None:
         th, tw = (tile_size, tile_size) if isinstance(tile_size, int) else tile_size

@@ -1,4 +1,4 @@
-"""The tile grid of a :class:`~lightstream.core.geometry.TilePlan`, drawn over an image or a slide thumbnail."""
+"""The tile grid of a :class:`~lightstream.core.geometry.TilePlan` over an image or a slide thumbnail."""
 
 from __future__ import annotations
 
@@ -163,7 +163,8 @@ def plot_tile_grid(
                              label=f"tile {chosen}: input and owned region"))
     ax.legend(handles=handles, loc="upper right", fontsize="x-small", framealpha=0.85)
     th, tw = plan.tile_size
-    ax.set_title(f"{len(plan)} tile{'s' if len(plan) > 1 else ''} ({grid[0]}×{grid[1]}) of ≤{th}×{tw} px, "
+    tiles_text = f"{len(plan)} tile{'s' if len(plan) > 1 else ''}"
+    ax.set_title(f"{tiles_text} ({grid[0]}×{grid[1]}) of ≤{th}×{tw} px, "
                  f"pixels read ×{plan.recompute_factor:.2f}\n"
                  "forward and backward use the same tiles", fontsize="medium")
     logger.debug("drew %d tiles over a %dx%d image", len(tiles), height, width)

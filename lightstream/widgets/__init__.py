@@ -5,10 +5,10 @@ their state lives in plain objects (:class:`TileTunerModel`, ``MemoryMonitor.his
 """
 
 from .memory import MemoryMonitor, in_notebook_kernel
-from .model import StepMeasurement, TileTunerModel, default_tile_sizes, streaming_network
+from .model import StepMeasurement, TileTunerModel, default_tile_sizes, stage_profiles, streaming_network
 from .tuner import TileTuner
 
 __all__ = [
     "MemoryMonitor", "StepMeasurement", "TileTuner", "TileTunerModel", "default_tile_sizes",
-    "in_notebook_kernel", "streaming_network",
+    "in_notebook_kernel", "stage_profiles", "streaming_network",
 ]

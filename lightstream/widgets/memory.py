@@ -112,8 +112,8 @@ class MemoryMonitor(L.Callback):
         if self.history and trainer.is_global_zero:
             steps = len(self.history)
             logger.info("memory monitor: %d steps, mean %.3f s/step, max RSS %.2f GiB%s", steps,
-                        sum(s.step_time for s in self.history) / steps, max(s.rss for s in self.history) / GIB,
-                        _gpu_peak_text(self.history))
+                        sum(s.step_time for s in self.history) / steps,
+                        max(s.rss for s in self.history) / GIB, _gpu_peak_text(self.history))
         if self._figure is not None:
             self.draw()
 

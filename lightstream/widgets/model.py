@@ -21,14 +21,13 @@ from torch import nn
 
 from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
 from lightstream.core.estimate import StepEstimate
+from lightstream.core.stages import StagePlan
 from lightstream.viz import thumbnail
 
-__all__ = ["TileTunerModel", "StepMeasurement", "default_tile_sizes", "streaming_network"]
+__all__ = ["TileTunerModel", "StepMeasurement", "default_tile_sizes", "stage_profiles", "streaming_network"]
 
 logger = logging.getLogger(__name__)
 
-_UNCHECKED_TILE = 1 << 20
-"""Tile size the tuner's private engine is built with (always valid); the real one is set after."""
 _MAX_DEFAULT_TILE = 16384
 
 
@@ -105,16 +104,20 @@ class TileTunerModel:
     ) -> None:
         self.target = streaming_network(model_or_trunk)
         self.trunk: nn.Module = self.target.stream_module if self.target is not None else model_or_trunk
-        self.engine = StreamingCNN(self.trunk, tile_size=_UNCHECKED_TILE)
+        self.stage_options: dict[str, Any] = (
+            {"stages": self.target.stages, "stage_memory": self.target.stage_memory}
+            if self.target is not None and self.target.stages is not None else {})
+        """The given engine's ``stages`` and ``stage_memory``: the tuner plans as it will stream."""
         if hasattr(image, "__array_interface__") and not isinstance(image, (torch.Tensor, np.ndarray)):
             image = np.asarray(image)  # a PIL image
         self.image = image
         self.image_shape = _image_shape(image)
         size = self.image_shape[2:]
+        minimum = _minimum_tile(self.trunk, self.stage_options)
+        self.engine = StreamingCNN(self.trunk, tile_size=minimum, **self.stage_options)
         geometry = self.engine.geometry
-        self.receptive_field: tuple[int, int] = geometry.receptive_field
-        self.minimum_tile_size: int = max(geometry.min_tile_size(size))
-        """The smallest tile side that works for this trunk and image (px)."""
+        self.minimum_tile_size: int = max(min(minimum[0], size[0]), min(minimum[1], size[1]))
+        """The smallest tile side that works for this trunk (or its first stage) and image (px)."""
         self.tile_sizes: list[int] = sorted(int(t) for t in (tile_sizes if tile_sizes is not None else
                                             default_tile_sizes(self.minimum_tile_size,
                                                                max(geometry.output_stride), max(size))))
@@ -123,8 +126,11 @@ class TileTunerModel:
         self.thumbnail: np.ndarray | None = (thumbnail(image, thumbnail_size)
                                              if not isinstance(image, (tuple, list)) else None)
         self.plan: TilePlan | None = None
+        """The tiles over the image (of the first stage when staged)."""
+        self.stage_plans: list[StagePlan] = []
         self.estimate: StepEstimate | None = None
-        self.profile: list[LayerProfile] = []
+        self.profiles: list[list[LayerProfile]] = []
+        """Per stage (one when unstaged), the layers' geometry in image px (see :func:`stage_profiles`)."""
         self.warning: str | None = None
         self.measurement: StepMeasurement | None = None
         self._tile_size = 0
@@ -139,24 +145,28 @@ class TileTunerModel:
     def tile_size(self, value: int) -> None:
         self._tile_size = int(value)
         self.engine.tile_size = (self._tile_size, self._tile_size)
-        self.profile = self.engine.geometry.profile(self._tile_size)
+        self.plan, self.stage_plans, self.estimate, self.warning = None, [], None, None
         try:
-            self.plan = self.engine.plan(self.image_shape)
+            self.stage_plans = self.engine.stage_plans(self.image_shape)
+            self.plan = self.stage_plans[0].plan
             self.estimate = self.engine.estimate(self.image_shape)
-            self.warning = None
         except TileTooSmallError as error:
-            self.plan, self.estimate = None, None
             self.warning = (f"A tile of {self._tile_size} px is too small for this trunk: the smallest "
                             f"valid tile is {max(error.minimum)} px (one output pixel needs "
                             f"{error.minimum[0]}×{error.minimum[1]} input px, its receptive field).")
         except ValueError as error:
-            self.plan, self.estimate, self.warning = None, None, str(error)
+            self.warning = str(error)
+        if self.stage_plans:
+            self.profiles = stage_profiles(self.stage_plans)
+        else:  # no plan: the unstaged geometry still has a profile; a staged one has no stages yet
+            self.profiles = [] if self.stage_options else [self.engine.geometry.profile(self._tile_size)]
         logger.debug("tile %d px: %s", self._tile_size, self.warning or f"{len(self.plan)} tiles")
 
     def apply(self) -> None:
         """Set the chosen tile size on the :class:`StreamingCNN` the tuner was given."""
         if self.target is None:
-            raise TypeError("the tuner was given a bare trunk: build StreamingCNN(trunk, tile_size=tuner.tile_size)")
+            raise TypeError("the tuner was given a bare trunk: build "
+                            "StreamingCNN(trunk, tile_size=tuner.tile_size)")
         self.target.tile_size = (self._tile_size, self._tile_size)
         logger.info("tile size set to %d px", self._tile_size)
 
@@ -172,7 +182,7 @@ class TileTunerModel:
             raise ValueError(self.warning or "no valid plan at this tile size")
         tile = self._tile_size
         engine = StreamingCNN(self.trunk, tile_size=tile, mean=_buffer(self.target, "mean"),
-                              std=_buffer(self.target, "std"))
+                              std=_buffer(self.target, "std"), **self.stage_options)
         image = self._step_image()
         params = [p for p in self.trunk.parameters() if p.requires_grad]
         device = engine.device
@@ -185,7 +195,8 @@ class TileTunerModel:
                 torch.cuda.synchronize(device)
             seconds = time.perf_counter() - start
         self.measurement = StepMeasurement(tile, seconds, peak.value, peak.label, str(device), bool(params))
-        logger.info("measured one step at tile %d px: %.3f s, %s %d bytes", tile, seconds, peak.label, peak.value)
+        logger.info("measured one step at tile %d px: %.3f s, %s %d bytes", tile, seconds, peak.label,
+                    peak.value)
         return self.measurement
 
     def _initial_tile_size(self) -> int:
@@ -204,6 +215,34 @@ class TileTunerModel:
         if isinstance(image, ImageSource):
             return image
         return torch.rand(self.image_shape)
+
+
+def stage_profiles(stage_plans: Sequence[StagePlan]) -> list[list[LayerProfile]]:
+    """Each stage's :meth:`~lightstream.core.geometry.Geometry.profile` at its tile, in image px.
+
+    A stage's geometry counts pixels of its input map; strides, lost borders and receptive
+    fields are multiplied by the stage's input stride, so stages can be drawn on one axis. A
+    stage's receptive field counts from its own input (earlier stages' maps are exact).
+    """
+    profiles = []
+    for stage_plan in stage_plans:
+        sy, sx = stage_plan.stage.input_stride
+        profiles.append([
+            LayerProfile(layer.path, (layer.stride[0] * sy, layer.stride[1] * sx),
+                         (layer.receptive_field[0] * sy, layer.receptive_field[1] * sx),
+                         (layer.lost[0] * sy, layer.lost[1] * sx, layer.lost[2] * sy, layer.lost[3] * sx))
+            for layer in stage_plan.stage.geometry.profile(stage_plan.tile_size)
+        ])
+    return profiles
+
+
+def _minimum_tile(trunk: nn.Module, stage_options: dict[str, Any]) -> tuple[int, int]:
+    """The smallest tile ``StreamingCNN`` accepts for ``trunk`` with these stage options."""
+    try:
+        StreamingCNN(trunk, tile_size=1, **stage_options)
+    except TileTooSmallError as error:
+        return error.minimum
+    return (1, 1)
 
 
 def _image_shape(image: Any) -> tuple[int, int, int, int]:

@@ -23,6 +23,8 @@ __all__ = ["TileTuner"]
 
 logger = logging.getLogger(__name__)
 
+_RED = "#b00020"
+
 
 class TileTuner:
     """Pick a tile size by looking: tile grid, layer profile and step estimate follow a slider.
@@ -61,7 +63,7 @@ class TileTuner:
         self.grid_figure = Figure(figsize=figsize, layout="constrained")
         self.profile_figure = Figure(figsize=(profile_width, figsize[1]), layout="constrained")
         self.dpi = dpi
-        self._drawn_profile: list | None = None
+        self._drawn_profiles: list | None = None
         self.last_redraw_seconds = 0.0
         """Wall time of the last redraw (plan, estimate, both plots and the PNG)."""
         self._measuring: threading.Thread | None = None
@@ -72,13 +74,15 @@ class TileTuner:
             layout=widgets.Layout(width="min(640px, 70%)"))
         self.measure_button = widgets.Button(
             description="measure one step", icon="stopwatch",
-            tooltip="run one real forward + backward of the streamed trunk at this tile size")
+            tooltip="run one real forward + backward of the streamed trunk at this tile size",
+            layout=widgets.Layout(width="auto"))
         self.warning = widgets.HTML()
         self.stats = widgets.HTML()
         self.measurement = widgets.HTML()
         self.grid_image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
         self.profile_image = widgets.Image(format="png", layout=widgets.Layout(max_width="100%"))
-        for name in ("slider", "measure_button", "warning", "stats", "measurement", "grid_image", "profile_image"):
+        names = ("slider", "measure_button", "warning", "stats", "measurement", "grid_image", "profile_image")
+        for name in names:
             getattr(self, name).add_class(f"lightstream-tuner-{name.replace('_', '-')}")
         self.widget = widgets.VBox([
             widgets.HBox([self.slider, self.measure_button]), self.warning, self.stats, self.measurement,
@@ -109,13 +113,9 @@ class TileTuner:
         self.redraw()
 
     def redraw(self) -> None:
-        """Render the model's current state into the widgets."""
+        """Render the model's current state into the widgets (figures first, then the text)."""
         start = time.perf_counter()
         model = self.model
-        self.warning.value = (f'<div style="color:#b00020;font-weight:bold">⚠ {html.escape(model.warning)}</div>'
-                              if model.warning else "")
-        self.stats.value = self._stats_html()
-        self.measure_button.disabled = model.plan is None or self._measuring is not None
         self.grid_figure.clear()
         grid_ax = self.grid_figure.add_subplot()
         if model.plan is not None:
@@ -124,13 +124,17 @@ class TileTuner:
             grid_ax.set_axis_off()
             grid_ax.text(0.5, 0.5, f"no tiling at {model.tile_size} px:\ntile smaller than\n"
                          f"the minimum of {model.minimum_tile_size} px", ha="center", va="center",
-                         color="#b00020", transform=grid_ax.transAxes)
+                         color=_RED, transform=grid_ax.transAxes)
         self.grid_image.value = self._png(self.grid_figure)
-        if model.profile != self._drawn_profile:
+        if model.profiles != self._drawn_profiles:
             self.profile_figure.clear()
-            plot_receptive_profile(model.profile, ax=self.profile_figure.add_subplot())
+            plot_receptive_profile(model.profiles, ax=self.profile_figure.add_subplot())
             self.profile_image.value = self._png(self.profile_figure)
-            self._drawn_profile = model.profile
+            self._drawn_profiles = model.profiles
+        self.warning.value = (f'<div style="color:{_RED};font-weight:bold">⚠ {html.escape(model.warning)}</div>'
+                              if model.warning else "")
+        self.stats.value = self._stats_html()
+        self.measure_button.disabled = model.plan is None or self._measuring is not None
         self.last_redraw_seconds = time.perf_counter() - start
         logger.debug("redrew the tuner at %d px in %.3f s", model.tile_size, self.last_redraw_seconds)
 
@@ -149,14 +153,18 @@ class TileTuner:
             tiles = f"{len(plan)} ({plan.grid[0]} × {plan.grid[1]})"
             rows = [
                 ("pixels read (overlap)", f"× {plan.recompute_factor:.2f} the image"),
-                ("compute per pass (recompute factor)", f"× {estimate.recompute_factor:.2f} the whole image"),
+                ("compute per pass (recompute factor)",
+                 f"× {estimate.recompute_factor:.2f} the whole image"),
                 ("estimated step time", f"× {estimate.relative_time:.2f} a whole-image step"),
                 ("estimated peak memory", f"{format_bytes(estimate.peak_bytes)} (whole image: "
                                           f"{format_bytes(estimate.whole_image_bytes)})"),
             ]
         _, _, height, width = model.image_shape
-        if model.profile:
-            top, left, bottom, right = model.profile[-1].lost
+        if len(model.stage_plans) > 1:
+            rows.append(("stages (tiles × tile side in map px)", ", ".join(
+                f"{p.stage.name}: {len(p.plan)} × {p.tile_size[0]}" for p in model.stage_plans)))
+        if model.profiles and model.profiles[0]:
+            top, left, bottom, right = model.profiles[0][-1].lost
             rows.append(("valid interior of a tile", f"{model.tile_size - top - bottom} × "
                          f"{model.tile_size - left - right} px (border lost: {top}/{bottom} px top/bottom, "
                          f"{left}/{right} px left/right)"))
@@ -188,7 +196,7 @@ class TileTuner:
             self.measurement.value = _measurement_html(result, self.model)
         except Exception as error:  # shown in the widget: a failing step must not kill the UI thread silently
             logger.exception("measuring one step failed")
-            self.measurement.value = f'<span style="color:#b00020">step failed: {html.escape(repr(error))}</span>'
+            self.measurement.value = f'<span style="color:{_RED}">step failed: {html.escape(repr(error))}</span>'
         finally:
             self._measuring = None
             self.measure_button.disabled = self.model.plan is None

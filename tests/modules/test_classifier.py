@@ -8,7 +8,8 @@ import torch
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightstream.modules import ImageClassifier
-from streaming_helpers import TILE, image_data, loader, max_difference, quiet_trainer, tiny_head, tiny_trunk, whole_image_sgd
+from streaming_helpers import (TILE, image_data, loader, max_difference, quiet_trainer, tiny_head, tiny_trunk,
+                               whole_image_sgd)
 
 
 class _SGDClassifier(ImageClassifier):

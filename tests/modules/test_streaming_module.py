@@ -17,8 +17,8 @@ from streaming_helpers import (LR, TILE, AutogradStyle, ReferenceStyle, image_da
 class ManualOptimisation(AutogradStyle):
     """Manual optimisation with the paper's API: forward under no_grad, backward_streaming."""
 
-    def __init__(self, trunk: nn.Module, head: nn.Module, tile_size: int) -> None:
-        super().__init__(trunk, head, tile_size)
+    def __init__(self, trunk: nn.Module, head: nn.Module, tile_size: int, **options) -> None:
+        super().__init__(trunk, head, tile_size, **options)
         self.automatic_optimization = False
 
     def training_step(self, batch, batch_idx):
@@ -34,10 +34,10 @@ class ManualOptimisation(AutogradStyle):
         optimizer.step()
 
 
-def _fit_one_step_and_compare(cls: type[StreamingModule]) -> None:
+def _fit_one_step_and_compare(cls: type[StreamingModule], **options) -> None:
     trunk, head = tiny_trunk(), tiny_head()
     data = image_data(2)
-    model = cls(copy.deepcopy(trunk), copy.deepcopy(head), TILE)
+    model = cls(copy.deepcopy(trunk), copy.deepcopy(head), TILE, **options)
     plan = model.stream_network.plan(data.tensors[0].shape)
     assert len(plan.row_spans) > 1 and len(plan.col_spans) > 1
     quiet_trainer(max_steps=1).fit(model, loader(data, 2))
@@ -58,6 +58,11 @@ def test_autograd_style_needs_no_custom_backward_and_trains_like_the_whole_image
 
 def test_manual_optimisation_with_no_grad_forward_trains_like_the_whole_image() -> None:
     _fit_one_step_and_compare(ManualOptimisation)
+
+
+@pytest.mark.parametrize("style", [AutogradStyle, ReferenceStyle])
+def test_a_staged_trunk_trains_like_the_whole_image(style: type[StreamingModule]) -> None:
+    _fit_one_step_and_compare(style, stages=[5])  # cut after the max pooling
 
 
 def test_forward_streaming_is_attached_with_grad_and_detached_without() -> None:
@@ -132,12 +137,7 @@ def test_disabled_streaming_runs_the_whole_image_with_the_same_values_and_gradie
     assert max((a - b).abs().max().item() for a, b in zip(streamed_grads, whole_grads)) <= 1e-10
 
 
-@pytest.mark.parametrize("normalise", [
-    False,
-    pytest.param(True, marks=pytest.mark.xfail(strict=True, raises=TypeError, reason=(
-        "core: StreamingCNN._backward_tiles normalises a tile (mean/std) before entering "
-        "torch.enable_grad(), so under forward_autograd the image gradient is lost"))),
-])
+@pytest.mark.parametrize("normalise", [False, True])
 def test_saliency_map_is_the_whole_image_input_gradient(normalise: bool) -> None:
     options = {"mean": [0.1, 0.2, 0.3], "std": [1.5, 2.0, 0.5]} if normalise else {}
     model = AutogradStyle(tiny_trunk(), tiny_head(), saliency=True, **options)
@@ -167,8 +167,8 @@ def test_batchnorm_stays_in_eval_mode_through_fit_validation_and_train_calls() -
     assert torch.equal(model.stream_network.stream_module[1].running_var, trunk[1].running_var)
 
 
-def test_tile_size_setter_rebuilds_the_engine_around_the_same_trunk() -> None:
-    model = AutogradStyle(tiny_trunk(), tiny_head())
+def test_tile_size_setter_rebuilds_the_engine_around_the_same_trunk_and_options() -> None:
+    model = AutogradStyle(tiny_trunk(), tiny_head(), mean=[0.1, 0.2, 0.3], std=[1.5, 2.0, 0.5], stages=[5])
     image = image_data(1).tensors[0]
     before = model.forward_streaming(image).detach()
     parameters = list(model.parameters())
@@ -177,9 +177,10 @@ def test_tile_size_setter_rebuilds_the_engine_around_the_same_trunk() -> None:
     assert model.tile_size == (24, 24)
     assert model.stream_network.plan(image.shape).grid != grid
     assert list(model.parameters()) == parameters
+    assert model.stream_network.stages == (5,) and model.stream_network.mean.numel() == 3
     assert (model.forward_streaming(image).detach() - before).abs().max() <= 1e-10
     with pytest.raises(TileTooSmallError):
-        model.tile_size = 8
+        model.tile_size = 4  # the first stage (up to the max pooling) sees 7 px
 
 
 def test_configure_tile_stride_is_the_step_between_interior_tiles() -> None:

@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from streaming_helpers import (LR, TILE, AutogradStyle, ReferenceStyle, image_data, loader, max_difference,
+from streaming_helpers import (LR, AutogradStyle, ReferenceStyle, image_data, loader, max_difference,
                                quiet_trainer, tiny_head, tiny_trunk, whole_image_sgd)
 
 
