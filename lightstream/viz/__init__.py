@@ -4,11 +4,12 @@ Every function returns a :class:`matplotlib.figure.Figure` (a new one, not regis
 pyplot: save it with ``fig.savefig``) or draws on the Axes it is given. No widget code here.
 """
 
+from ._axes import format_bytes
 from .memory import MemorySample, plot_memory
 from .profile import border_increase, limiting_layer, plot_receptive_profile
 from .tiles import owned_region, plot_tile_grid, thumbnail
 
 __all__ = [
-    "MemorySample", "border_increase", "limiting_layer", "owned_region", "plot_memory",
+    "MemorySample", "border_increase", "format_bytes", "limiting_layer", "owned_region", "plot_memory",
     "plot_receptive_profile", "plot_tile_grid", "thumbnail",
 ]

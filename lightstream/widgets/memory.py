@@ -14,11 +14,12 @@ import torch
 from matplotlib.figure import Figure
 
 from lightstream.viz import MemorySample, plot_memory
-from lightstream.viz._axes import GIB
 
 __all__ = ["MemoryMonitor", "in_notebook_kernel"]
 
 logger = logging.getLogger(__name__)
+
+_GIB = float(1 << 30)
 
 
 def in_notebook_kernel() -> bool:
@@ -113,7 +114,7 @@ class MemoryMonitor(L.Callback):
             steps = len(self.history)
             logger.info("memory monitor: %d steps, mean %.3f s/step, max RSS %.2f GiB%s", steps,
                         sum(s.step_time for s in self.history) / steps,
-                        max(s.rss for s in self.history) / GIB, _gpu_peak_text(self.history))
+                        max(s.rss for s in self.history) / _GIB, _gpu_peak_text(self.history))
         if self._figure is not None:
             self.draw()
 
@@ -129,14 +130,14 @@ class MemoryMonitor(L.Callback):
         self._last_draw = time.perf_counter()
 
     def _log(self, trainer: L.Trainer, sample: MemorySample) -> None:
-        metrics = {"time/step_s": sample.step_time, "memory/rss_gib": sample.rss / GIB}
+        metrics = {"time/step_s": sample.step_time, "memory/rss_gib": sample.rss / _GIB}
         for name in ("allocated", "peak_allocated", "reserved"):
             value = getattr(sample, name)
             if value is not None:
-                metrics[f"memory/{name}_gib"] = value / GIB
+                metrics[f"memory/{name}_gib"] = value / _GIB
         for trainer_logger in trainer.loggers:
             trainer_logger.log_metrics(metrics, step=trainer.global_step)
-        logger.info("step %d: %.3f s/step, RSS %.2f GiB%s", sample.step, sample.step_time, sample.rss / GIB,
+        logger.info("step %d: %.3f s/step, RSS %.2f GiB%s", sample.step, sample.step_time, sample.rss / _GIB,
                     _gpu_peak_text([sample]))
 
 
@@ -145,4 +146,4 @@ def _gpu_peak_text(history: list[MemorySample]) -> str:
     reserved = [s.reserved for s in history if s.reserved is not None]
     if not peaks:
         return ""
-    return f", GPU peak allocated {max(peaks) / GIB:.2f} GiB, reserved {max(reserved) / GIB:.2f} GiB"
+    return f", GPU peak allocated {max(peaks) / _GIB:.2f} GiB, reserved {max(reserved) / _GIB:.2f} GiB"

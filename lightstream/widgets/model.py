@@ -87,9 +87,9 @@ class TileTunerModel:
             ``.thumbnail(max_size)`` and ``.read(rows, cols)`` (a lazy slide); or just a size
             ``(H, W)`` (3 channels) or ``(B, C, H, W)``.
         tile_sizes: the tile sides (px) to choose from; default :func:`default_tile_sizes`.
-        tile_size: the initial tile side; default the engine's current one (snapped to the
-            nearest option), or for a bare trunk the smallest option of at least twice the
-            minimum tile.
+        tile_size: the initial tile side (added to the options if missing); default the given
+            engine's current one, or for a bare trunk the smallest option of at least twice the
+            minimum tile (the largest option if none is).
         thumbnail_size: longest side of the image thumbnail kept for drawing.
     """
 
@@ -118,11 +118,18 @@ class TileTunerModel:
         geometry = self.engine.geometry
         self.minimum_tile_size: int = max(min(minimum[0], size[0]), min(minimum[1], size[1]))
         """The smallest tile side that works for this trunk (or its first stage) and image (px)."""
-        self.tile_sizes: list[int] = sorted(int(t) for t in (tile_sizes if tile_sizes is not None else
-                                            default_tile_sizes(self.minimum_tile_size,
-                                                               max(geometry.output_stride), max(size))))
-        if not self.tile_sizes:
+        options = {int(t) for t in (tile_sizes if tile_sizes is not None else
+                                    default_tile_sizes(self.minimum_tile_size, max(geometry.output_stride),
+                                                       max(size)))}
+        if not options:
             raise ValueError("tile_sizes is empty")
+        if tile_size is None and self.target is not None:
+            tile_size = self.target.tile_size[0]
+        if tile_size is None:
+            comfortable = sorted(t for t in options if t >= 2 * self.minimum_tile_size)
+            tile_size = comfortable[0] if comfortable else max(options)
+        self.tile_sizes: list[int] = sorted(options | {int(tile_size)})
+        """The tile sides to choose from (the initial one included)."""
         self.thumbnail: np.ndarray | None = (thumbnail(image, thumbnail_size)
                                              if not isinstance(image, (tuple, list)) else None)
         self.plan: TilePlan | None = None
@@ -134,7 +141,7 @@ class TileTunerModel:
         self.warning: str | None = None
         self.measurement: StepMeasurement | None = None
         self._tile_size = 0
-        self.tile_size = tile_size if tile_size is not None else self._initial_tile_size()
+        self.tile_size = tile_size
 
     @property
     def tile_size(self) -> int:
@@ -198,13 +205,6 @@ class TileTunerModel:
         logger.info("measured one step at tile %d px: %.3f s, %s %d bytes", tile, seconds, peak.label,
                     peak.value)
         return self.measurement
-
-    def _initial_tile_size(self) -> int:
-        if self.target is not None:
-            current = self.target.tile_size[0]
-            return min(self.tile_sizes, key=lambda t: (abs(t - current), t))
-        comfortable = [t for t in self.tile_sizes if t >= 2 * self.minimum_tile_size]
-        return comfortable[0] if comfortable else self.tile_sizes[-1]
 
     def _step_image(self) -> torch.Tensor | ImageSource:
         image = self.image

@@ -14,8 +14,7 @@ import ipywidgets as widgets
 from matplotlib.figure import Figure
 from torch import nn
 
-from lightstream.viz import plot_receptive_profile, plot_tile_grid
-from lightstream.viz._axes import format_bytes
+from lightstream.viz import format_bytes, plot_receptive_profile, plot_tile_grid
 
 from .model import StepMeasurement, TileTunerModel
 
@@ -131,8 +130,7 @@ class TileTuner:
             plot_receptive_profile(model.profiles, ax=self.profile_figure.add_subplot())
             self.profile_image.value = self._png(self.profile_figure)
             self._drawn_profiles = model.profiles
-        self.warning.value = (f'<div style="color:{_RED};font-weight:bold">⚠ {html.escape(model.warning)}</div>'
-                              if model.warning else "")
+        self.warning.value = _red(f"⚠ {model.warning}", bold=True) if model.warning else ""
         self.stats.value = self._stats_html()
         self.measure_button.disabled = model.plan is None or self._measuring is not None
         self.last_redraw_seconds = time.perf_counter() - start
@@ -196,13 +194,18 @@ class TileTuner:
             self.measurement.value = _measurement_html(result, self.model)
         except Exception as error:  # shown in the widget: a failing step must not kill the UI thread silently
             logger.exception("measuring one step failed")
-            self.measurement.value = f'<span style="color:{_RED}">step failed: {html.escape(repr(error))}</span>'
+            self.measurement.value = _red(f"step failed: {error!r}")
         finally:
             self._measuring = None
             self.measure_button.disabled = self.model.plan is None
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any] | None:
         return self.widget._repr_mimebundle_(**kwargs)
+
+
+def _red(text: str, bold: bool = False) -> str:
+    weight = ";font-weight:bold" if bold else ""
+    return f'<div style="color:{_RED}{weight}">{html.escape(text)}</div>'
 
 
 def _measurement_html(result: StepMeasurement, model: TileTunerModel) -> str:

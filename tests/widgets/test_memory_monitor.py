@@ -50,7 +50,8 @@ def test_records_every_step_on_cpu(tmp_path: Path) -> None:
     assert monitor.image is None  # not in a notebook kernel: no live plot
 
 
-def test_logs_through_logging_and_the_trainer_logger(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_logs_through_logging_and_the_trainer_logger(tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
     monitor = MemoryMonitor(log_every_n_steps=1)
     with caplog.at_level(logging.INFO, logger="lightstream.widgets.memory"):
         fit(monitor, tmp_path, logger=CSVLogger(tmp_path, name="run"))

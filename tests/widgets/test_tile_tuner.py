@@ -62,7 +62,7 @@ def test_profile_is_rendered_again_only_when_it_changes(trunk: nn.Module) -> Non
     assert bytes(profile_png).startswith(PNG)
     tuner.slider.value = 64  # this trunk's interior tiles lose the same border at 32 and 64 px
     assert tuner.profile_image.value is profile_png
-    tuner.model.profile = []  # as if the geometry changed: the profile is drawn again
+    tuner.model.profiles = []  # as if the geometry changed: the profile is drawn again
     tuner.redraw()
     assert tuner.profile_image.value is not profile_png
 
@@ -71,7 +71,8 @@ def test_measure_button_reports_a_real_step(trunk: nn.Module) -> None:
     tuner = TileTuner(trunk, torch.rand(1, 3, 64, 64), SIZES, tile_size=32)
     thread = tuner.measure_step(wait=True)
     assert thread is not None and not thread.is_alive()
-    assert "measured at 32 px on cpu" in tuner.measurement.value and "estimated peak" in tuner.measurement.value
+    assert "measured at 32 px on cpu" in tuner.measurement.value
+    assert "estimated peak" in tuner.measurement.value
     assert tuner.model.measurement.seconds > 0 and not tuner.measure_button.disabled
 
     tuner.measure_button.click()  # the button starts the same background measurement
@@ -108,6 +109,7 @@ def test_widget_displays_as_a_widget_view(trunk: nn.Module) -> None:
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == tuner.widget.model_id
 
 
+@pytest.mark.slow
 def test_resnet50_redraw_is_under_a_second() -> None:
     """Plan, estimate and grid figure for a new tile size of a ResNet-50 on a 4096² image.
 
@@ -124,3 +126,13 @@ def test_resnet50_redraw_is_under_a_second() -> None:
         tuner.slider.value = size
         times.append(time.thread_time() - start)
     assert statistics.median(times) < 1.0, times
+
+
+def test_a_staged_engine_shows_its_stages(trunk: nn.Module) -> None:
+    tuner = TileTuner(StreamingCNN(trunk, tile_size=32, stages=[3]), (256, 256), [2, 8, 16, 32, 64])
+    first, second = tuner.model.stage_plans
+    assert f"{first.stage.name}: {len(first.plan)} × 32" in tuner.stats.value
+    assert f"{second.stage.name}: {len(second.plan)} × {second.tile_size[0]}" in tuner.stats.value
+    profile_ax = tuner.profile_figure.axes[0]
+    assert len([a for a in profile_ax.get_children() if a.get_gid() == "stage-cut"]) == 1
+    assert len([a for a in profile_ax.get_children() if a.get_gid() == "limiting-layer"]) == 2

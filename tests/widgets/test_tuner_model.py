@@ -19,7 +19,7 @@ def test_valid_tile_has_plan_estimate_and_profile(trunk: nn.Module) -> None:
     assert model.plan is not None and model.estimate is not None
     assert len(model.plan) == model.estimate.tiles > 1
     assert model.estimate.peak_bytes > 0 and model.estimate.relative_time > 1
-    assert model.profile and model.profile[-1].lost[0] > 0
+    assert len(model.profiles) == 1 and model.profiles[0][-1].lost[0] > 0
     assert model.minimum_tile_size == 12
 
 
@@ -44,7 +44,7 @@ def test_more_tiles_at_smaller_sizes(trunk: nn.Module) -> None:
 def test_streaming_cnn_is_planned_with_a_copy_and_applied_on_request(trunk: nn.Module) -> None:
     engine = StreamingCNN(trunk, tile_size=30)
     model = TileTunerModel(engine, (128, 128), SIZES)
-    assert model.tile_size == 32  # the engine's tile size, snapped to the nearest option
+    assert model.tile_size == 30 and model.tile_sizes == [8, 16, 30, 32, 64]  # the engine's, added
     model.tile_size = 64
     assert engine.tile_size == (30, 30)  # untouched until apply()
     model.apply()
@@ -94,7 +94,8 @@ class _Slide:
     ((2, 3, 50, 60), (2, 3, 50, 60), None),
     (_Slide(), (1, 3, 400, 200), (40, 20, 3)),
 ])
-def test_image_kinds(trunk: nn.Module, image: object, shape: tuple[int, ...], thumb: tuple[int, ...] | None) -> None:
+def test_image_kinds(trunk: nn.Module, image: object, shape: tuple[int, ...],
+                     thumb: tuple[int, ...] | None) -> None:
     model = TileTunerModel(trunk, image, SIZES)
     assert model.image_shape == shape
     assert (model.thumbnail.shape if model.thumbnail is not None else None) == thumb
@@ -127,3 +128,20 @@ def test_default_tile_sizes() -> None:
     assert sizes.step == 128 and sizes[0] == 128 and sizes[-1] == 4096
     assert default_tile_sizes(minimum=12, output_stride=1, image_side=10)[-1] == 32
     assert default_tile_sizes(minimum=427, output_stride=32, image_side=100_000)[-1] == 16384
+
+
+def test_a_staged_engine_is_planned_with_its_stages(trunk: nn.Module) -> None:
+    engine = StreamingCNN(trunk, tile_size=32, stages=[3])
+    model = TileTunerModel(engine, (256, 256), [2, 8, 16, 32, 64])
+    assert model.tile_size == 32
+    assert model.stage_options == {"stages": (3,), "stage_memory": engine.stage_memory}
+    assert len(model.stage_plans) == 2 and len(model.profiles) == 2
+    assert model.plan is model.stage_plans[0].plan
+    # the second stage reads the first stage's map (stride 2): its borders are drawn in image px
+    (first_layer, *_), input_stride = model.profiles[1], model.stage_plans[1].stage.input_stride
+    assert input_stride == (2, 2) and first_layer.stride[0] % 2 == 0 and first_layer.lost[0] % 2 == 0
+    unstaged = TileTunerModel(trunk, (256, 256), [8, 16, 32, 64], tile_size=32)
+    assert model.estimate.recompute_factor < unstaged.estimate.recompute_factor
+    assert model.minimum_tile_size == 4 < unstaged.minimum_tile_size  # only the first stage's field counts
+    model.tile_size = 2
+    assert "smallest valid tile is 4 px" in model.warning and model.profiles == []
