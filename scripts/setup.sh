@@ -13,11 +13,15 @@ stamp=.venv/.lightstream-setup
 want=$( (echo "$torch_pair"; cat pyproject.toml requirements/pins.txt scripts/setup.sh) | sha256sum | cut -c1-16)
 if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x .venv/bin/python ] || "${PYTHON:-python3}" -m venv .venv
-  .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
-  # shellcheck disable=SC2086
-  .venv/bin/python -m pip install -q $torch_pair 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -m pip install -q -c requirements/pins.txt -e ".[dev]" 2>&1 | grep -v "is ignored" || true
-  .venv/bin/python -c "import torch, torchvision, lightning, openslide" # fail loudly if an install failed
+  log=.venv/setup.log
+  echo "setup: installing pinned packages into .venv (log: $log)"
+  {
+    .venv/bin/python -m pip install --upgrade pip &&
+    # shellcheck disable=SC2086
+    .venv/bin/python -m pip install $torch_pair &&
+    .venv/bin/python -m pip install -c requirements/pins.txt -e ".[dev]" &&
+    .venv/bin/python -c "import torch, torchvision, lightning, openslide"
+  } > "$log" 2>&1 || { tail -n 40 "$log"; echo "setup: installation failed (see $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
 

@@ -5,10 +5,11 @@ from .errors import StreamingError, TileTooSmallError, UnsupportedLayerError
 from .geometry import Box, Geometry, LayerProfile, Tile, TilePlan
 from .graph import TrunkGraph
 from .source import ImageSource, TensorSource, as_source
+from .stages import Stage, StagePlan
 from .window import Window
 
 __all__ = [
-    "Box", "Geometry", "ImageSource", "LayerProfile", "StreamingCNN", "StreamingError",
+    "Box", "Geometry", "ImageSource", "LayerProfile", "Stage", "StagePlan", "StreamingCNN", "StreamingError",
     "TensorSource", "Tile", "TilePlan", "TileTooSmallError", "TrunkGraph", "UnsupportedLayerError",
     "Window", "as_source",
 ]

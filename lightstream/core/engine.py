@@ -59,6 +59,14 @@ class _Autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
+@dataclass
+class _Kept:
+    """What the forward keeps for one stage's backward: its input map, or its whole graph."""
+
+    input_map: torch.Tensor | None
+    graph: tuple[torch.Tensor, torch.Tensor] | None
+
+
 class StreamingCNN(nn.Module):
     """Run a convolutional trunk over images far larger than memory, tile by tile, exactly.
 
@@ -127,7 +135,7 @@ class StreamingCNN(nn.Module):
         self.register_buffer("std", _channel_vector(std), persistent=False)
         self._traced: tuple[tuple, Geometry] | None = None
         self._cache: dict[tuple, Any] = {}
-        self._kept: tuple[Any, int, list[torch.Tensor]] | None = None
+        self._kept: tuple[Any, int, list[_Kept]] | None = None
         self._autocast: _Autocast | None = None
         first = self._stages(self._smallest_first_stage_cuts())[0]
         minimum = first.geometry.min_tile_size()
@@ -162,6 +170,10 @@ class StreamingCNN(nn.Module):
             return [Stage("trunk", self.stream_module, graph, self.geometry, (1, 1))]  # type: ignore[arg-type]
         return self._cached(("stages", cuts), lambda: split_stages(self.stream_module, cuts))
 
+    def _stage_costs(self, stages: list[Stage], channels: int) -> list[list]:
+        names = tuple(stage.name for stage in stages)
+        return self._cached(("costs", names, channels), lambda: stage_costs(stages, channels))
+
     def _smallest_first_stage_cuts(self) -> tuple[int, ...]:
         if self.stages is None:
             return ()
@@ -187,9 +199,9 @@ class StreamingCNN(nn.Module):
         cuts = list(self.stages) if self.stages != "auto" else \
             self._auto_cuts(size, batch, channels, itemsize)
         stages = self._stages(tuple(cuts))
-        costs = stage_costs(stages, channels)
+        costs = self._stage_costs(stages, channels)
         whole = self._stages(())[0]
-        budget = tile_elements(whole, stage_costs([whole], channels)[0], self.tile_size)
+        budget = tile_elements(whole, self._stage_costs([whole], channels)[0], self.tile_size)
         plans: list[StagePlan] = []
         map_size = size
         for index, (stage, stage_cost) in enumerate(zip(stages, costs)):
@@ -208,7 +220,7 @@ class StreamingCNN(nn.Module):
         if not candidates:
             return []
         stages = self._stages(tuple(candidates))
-        costs = stage_costs(stages, channels)
+        costs = self._stage_costs(stages, channels)
         chosen: list[int] = []
         used = 0
         map_size = size
@@ -246,7 +258,7 @@ class StreamingCNN(nn.Module):
         """
         shape = tuple(int(v) for v in image_shape)
         plans = self.stage_plans(shape, dtype)
-        costs = stage_costs([p.stage for p in plans], shape[1])
+        costs = self._stage_costs([p.stage for p in plans], shape[1])
         itemsize = torch.empty(0, dtype=dtype).element_size()
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plans, costs)], shape[0], itemsize)
 
@@ -273,8 +285,8 @@ class StreamingCNN(nn.Module):
         self._autocast = _Autocast.current(self.device)
         keep = torch.is_grad_enabled()
         with torch.no_grad():
-            out, maps = self._forward_stages(as_source(image), keep)
-        self._kept = (image, _version(image), maps) if keep and maps else None
+            out, kept = self._forward_stages(as_source(image), keep, self.saliency)
+        self._kept = (image, _version(image), kept) if keep else None
         return out
 
     def forward_autograd(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
@@ -289,17 +301,30 @@ class StreamingCNN(nn.Module):
         params = [p for p in self.stream_module.parameters() if p.requires_grad]
         return _StreamedTrunk.apply(self, source, tensor, *params)
 
-    def _forward_stages(self, source: ImageSource, keep: bool) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        maps: list[torch.Tensor] = []
+    def _forward_stages(self, source: ImageSource, keep: bool, want_image_grad: bool = False
+                        ) -> tuple[torch.Tensor, list[_Kept]]:
+        """Stream every stage; with ``keep``, also return what each stage's backward needs."""
+        kept: list[_Kept] = []
         for index, stage_plan in enumerate(self.stage_plans(source.shape)):
-            out = self._forward_tiles(stage_plan, source, first=index == 0)
-            if keep:
-                maps.append(out)
+            input_map = source.image if keep and index > 0 else None  # type: ignore[attr-defined]
+            graph_wanted = keep and len(stage_plan.plan) == 1 and (index > 0 or want_image_grad or any(
+                p.requires_grad for p in stage_plan.stage.module.parameters()))
+            out, graph = self._forward_tiles(stage_plan, source, index == 0, graph_wanted)
+            kept.append(_Kept(input_map, graph))
             source = TensorSource(out)
-        return out, maps[:-1]
+        return out, kept
 
-    def _forward_tiles(self, stage_plan: StagePlan, source: ImageSource, first: bool) -> torch.Tensor:
+    def _forward_tiles(self, stage_plan: StagePlan, source: ImageSource, first: bool, keep_graph: bool
+                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Stream one stage. A single-tile stage can keep its graph (it fits the tile budget by
+        construction), so its backward needs no recomputation: returns ``(leaf, output)`` then."""
         graph, plan = stage_plan.stage.graph, stage_plan.plan
+        if keep_graph:
+            (tile, raw), = self._load_tiles(source, plan, "forward")
+            with torch.enable_grad():
+                leaf, x = self._prepare(raw, first, requires_grad=True)
+                y = self._run_tile(graph, plan, tile, x)
+            return y.detach(), (leaf, y)
         out: torch.Tensor | None = None
         for tile, raw in self._load_tiles(source, plan, "forward"):
             y = self._run_tile(graph, plan, tile, self._prepare(raw, first)[1])
@@ -307,7 +332,7 @@ class StreamingCNN(nn.Module):
                 out = y.new_empty((y.shape[0], y.shape[1], *plan.output_size))
             out[:, :, tile.output.rows, tile.output.cols] = y
         assert out is not None
-        return out
+        return out, None
 
     def _run_tile(self, graph: TrunkGraph, plan: TilePlan, tile: Tile, x: torch.Tensor) -> torch.Tensor:
         box = tile.input
@@ -363,43 +388,59 @@ class StreamingCNN(nn.Module):
         if grad is None:
             raise ValueError("grad is None: call fmap.requires_grad_() before the head's backward")
         params = [p for p in self.stream_module.parameters() if p.requires_grad]
-        maps = None
+        kept = None
         if self._kept is not None and self._kept[0] is image and self._kept[1] == _version(image):
-            maps = self._kept[2]
+            kept = self._kept[2]
         self._kept = None
-        grads, image_grad = self._backward_stages(as_source(image), grad, maps, params, self.saliency,
+        grads, image_grad = self._backward_stages(as_source(image), grad, kept, params, self.saliency,
                                                   self._autocast or _Autocast.current(self.device))
         for param, g in zip(params, grads):
             if g is not None:
                 param.grad = g if param.grad is None else param.grad.add_(g)
         self.saliency_map = image_grad
 
-    def _backward_stages(self, source: ImageSource, grad: torch.Tensor, maps: list[torch.Tensor] | None,
+    def _backward_stages(self, source: ImageSource, grad: torch.Tensor, kept: list[_Kept] | None,
                          params: list[torch.Tensor], want_image_grad: bool, autocast: _Autocast
                          ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         plans = self.stage_plans(source.shape)
         if tuple(grad.shape[-2:]) != plans[-1].plan.output_size:
             raise ValueError(f"grad has spatial size {tuple(grad.shape[-2:])} but the feature map of "
                              f"this image is {plans[-1].plan.output_size}")
-        if maps is None and len(plans) > 1:  # no (or stale) kept stage maps: recompute them
+        if kept is None and len(plans) > 1:  # no (or stale) kept stage maps: recompute them
             logger.debug("recomputing %d stage maps for the backward", len(plans) - 1)
             with torch.no_grad(), autocast():
-                maps = self._forward_stages(source, keep=True)[1]
+                kept = self._forward_stages(source, True, want_image_grad)[1]
         totals: dict[int, torch.Tensor] = {}
         for index in range(len(plans) - 1, -1, -1):
-            stage_source = source if index == 0 else TensorSource(maps[index - 1])  # type: ignore[index]
+            state = kept[index] if kept is not None else _Kept(None, None)
             stage_params = [p for p in plans[index].stage.module.parameters() if p.requires_grad]
             want_input = index > 0 or want_image_grad
             if not stage_params and not want_input:
                 continue
-            stage_grads, grad = self._backward_tiles(plans[index], stage_source, grad, stage_params,
-                                                     want_input, autocast, first=index == 0)
+            if state.graph is not None:
+                stage_grads, grad = self._backward_graph(state.graph, source, grad, stage_params, want_input)
+            else:
+                stage_source = source if index == 0 else TensorSource(state.input_map)  # type: ignore[arg-type]
+                stage_grads, grad = self._backward_tiles(plans[index], stage_source, grad, stage_params,
+                                                         want_input, autocast, first=index == 0)
             for param, g in zip(stage_params, stage_grads):
                 if g is not None:
                     totals[id(param)] = g if id(param) not in totals else totals[id(param)].add_(g)
-            if index > 0:
-                maps[index - 1] = None  # type: ignore[index, call-overload]  # free it as soon as possible
+            if kept is not None:
+                kept[index] = _Kept(None, None)  # free the stage's map or graph as soon as possible
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
+
+    def _backward_graph(self, graph: tuple[torch.Tensor, torch.Tensor], source: ImageSource,
+                        grad: torch.Tensor, params: list[torch.Tensor], want_input_grad: bool
+                        ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
+        """Backward of a single-tile stage whose forward graph was kept."""
+        leaf, y = graph
+        inputs = params + ([leaf] if want_input_grad else [])
+        grads = torch.autograd.grad(y, inputs, grad.to(device=y.device, dtype=y.dtype), allow_unused=True)
+        if not want_input_grad:
+            return list(grads), None
+        device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
+        return list(grads[:-1]), grads[-1].to(device)
 
     def _backward_tiles(self, stage_plan: StagePlan, source: ImageSource, grad: torch.Tensor,
                         params: list[torch.Tensor], want_input_grad: bool, autocast: _Autocast, first: bool
@@ -435,15 +476,15 @@ class _StreamedTrunk(torch.autograd.Function):
         ctx.autocast = _Autocast.current(engine.device)
         engine._autocast = ctx.autocast
         with torch.no_grad():
-            out, ctx.maps = engine._forward_stages(source, keep=True)
+            out, ctx.kept = engine._forward_stages(source, True, image is not None and image.requires_grad)
         return out
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         want_image = bool(ctx.needs_input_grad[2])
-        grads, image_grad = ctx.engine._backward_stages(ctx.source, grad, ctx.maps, ctx.params, want_image,
+        grads, image_grad = ctx.engine._backward_stages(ctx.source, grad, ctx.kept, ctx.params, want_image,
                                                         ctx.autocast)
-        ctx.maps = None
+        ctx.kept = None
         return (None, None, image_grad, *grads)
 
 

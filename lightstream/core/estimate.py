@@ -92,25 +92,30 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     for index, (graph, plan, costs) in enumerate(stages):
         spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
         full = plan.layer_sizes
+        macs = [costs[i].macs_per_pixel for i in spatial]
+        values = [costs[i].elements_per_pixel for i in spatial]
 
-        def work(areas: dict[int, int], per: str, costs: list[LayerCost] = costs, spatial: list[int] = spatial
-                 ) -> int:
-            return sum(areas[i] * getattr(costs[i], per) for i in spatial)
+        def lengths(spans: tuple, axis: int) -> list[tuple[int, ...]]:
+            out = []
+            for span, _ in spans:
+                exact = graph.exact_spans(span, axis, full)
+                out.append(tuple(max(0, exact[i][1] - exact[i][0]) for i in spatial))
+            return out
 
-        whole_areas = {i: full[i][0] * full[i][1] for i in spatial}
-        rows = {r: graph.exact_spans(r, 0, full) for r, _ in plan.row_spans}
-        cols = {c: graph.exact_spans(c, 1, full) for c, _ in plan.col_spans}
-        for r in rows.values():
-            for c in cols.values():
-                areas = {i: max(0, r[i][1] - r[i][0]) * max(0, c[i][1] - c[i][0]) for i in spatial}
-                total_tile_work += work(areas, "macs_per_pixel")
-                tile_peak = max(tile_peak, work(areas, "elements_per_pixel"))
-        total_whole_work += work(whole_areas, "macs_per_pixel")
-        whole_values += work(whole_areas, "elements_per_pixel")
+        rows, cols = lengths(plan.row_spans, 0), lengths(plan.col_spans, 1)
+        # Work is separable over rows and columns; the peak needs each distinct tile shape once.
+        row_sums = [sum(r[k] for r in rows) for k in range(len(spatial))]
+        col_sums = [sum(c[k] for c in cols) for k in range(len(spatial))]
+        total_tile_work += sum(m * r * c for m, r, c in zip(macs, row_sums, col_sums))
+        for r in set(rows):
+            for c in set(cols):
+                tile_peak = max(tile_peak, sum(v * a * b for v, a, b in zip(values, r, c)))
+        whole_areas = [full[i][0] * full[i][1] for i in spatial]
+        total_whole_work += sum(m * a for m, a in zip(macs, whole_areas))
+        whole_values += sum(v * a for v, a in zip(values, whole_areas))
         out_values = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
         if index < len(stages) - 1:
             kept_maps += 2 * out_values  # the kept stage map and, in the backward, its gradient
-    graph = stages[-1][0]
     factor = total_tile_work / max(1, total_whole_work)
     fmap = batch_size * out_values * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 from matplotlib.figure import Figure
 
 from lightstream.viz import MemorySample, plot_memory
@@ -30,3 +33,8 @@ def test_gpu_history_plots_every_series_on_given_axes() -> None:
 def test_empty_history_says_so() -> None:
     figure = plot_memory([])
     assert figure.axes[0].texts[0].get_text() == "no steps recorded yet"
+
+
+def test_viz_does_not_import_widgets() -> None:
+    code = "import sys, lightstream.viz; assert 'ipywidgets' not in sys.modules, 'viz imported ipywidgets'"
+    subprocess.run([sys.executable, "-c", code], check=True)
