@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -26,14 +25,17 @@ from torch.utils.checkpoint import checkpoint
 from torchvision import models
 
 from lightstream import StreamingCNN
+from lightstream.core.memory import peak_rss, reset_peak_rss
 
 MODES = ("whole", "checkpoint", "streamed", "streamed-staged")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def build(model: str, device: str) -> tuple[nn.Sequential, nn.Module]:
+def build(model: str, device: str, channels_last: bool) -> tuple[nn.Sequential, nn.Module]:
     net = getattr(models, model)(weights=None)
     trunk = nn.Sequential(*list(net.children())[:-2]).eval().to(device)
+    if channels_last:
+        trunk = trunk.to(memory_format=torch.channels_last)
     head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(net.fc.in_features, 2)).to(device)
     return trunk, head
 
@@ -57,25 +59,37 @@ def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, 
     loss.backward()
 
 
+def make_image(size: int, device: str, channels_last: bool) -> torch.Tensor:
+    image = torch.randn(1, 3, size, size, device=device)
+    return image.to(memory_format=torch.channels_last) if channels_last else image
+
+
 def engines_for(trunk: nn.Sequential, tile: int) -> dict[str, StreamingCNN]:
     return {"streamed": StreamingCNN(trunk, tile_size=tile),
             "streamed-staged": StreamingCNN(trunk, tile_size=tile, stages="auto")}
 
 
 def peak_memory(device: str) -> float:
+    """Peak GiB since the last reset: CUDA allocations, or the process's RSS on the CPU."""
     if device == "cuda":
         return torch.cuda.max_memory_allocated() / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    return peak_rss() / 2**30
+
+
+def reset_peak(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    elif not reset_peak_rss():
+        raise OSError("cannot reset the peak RSS (needs Linux /proc/self/clear_refs)")
 
 
 def worker(args: argparse.Namespace) -> None:
     """Run one configuration once in this fresh process and print its peak memory as JSON."""
     torch.manual_seed(0)
-    trunk, head = build(args.model, args.device)
-    image = torch.randn(1, 3, args.size[0], args.size[0], device=args.device)
+    trunk, head = build(args.model, args.device, args.channels_last)
+    image = make_image(args.size[0], args.device, args.channels_last)
     engines = engines_for(trunk, args.tile) if args.worker.startswith("streamed") else {}
-    if args.device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak(args.device)  # a fresh process may inherit its parent's peak RSS mark
     baseline = peak_memory(args.device)  # the process with model and image, before the step
     step(args.worker, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
     print(json.dumps({"peak_gib": peak_memory(args.device), "step_gib": peak_memory(args.device) - baseline}))
@@ -84,6 +98,7 @@ def worker(args: argparse.Namespace) -> None:
 def measure_memory(args: argparse.Namespace, mode: str, size: int) -> str:
     command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--size", str(size),
                "--tile", str(args.tile), "--dtype", args.dtype, "--device", args.device]
+    command += ["--channels-last"] if args.channels_last else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
     if done.returncode != 0:
         return "failed"
@@ -99,6 +114,8 @@ def main() -> None:
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--channels-last", action="store_true",
+                        help="trunk and image in channels-last memory format (all modes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     parser.add_argument("--max-whole-gib", type=float, default=16.0,
@@ -110,15 +127,16 @@ def main() -> None:
         worker(args)
         return
     torch.manual_seed(0)
-    trunk, head = build(args.model, args.device)
+    trunk, head = build(args.model, args.device, args.channels_last)
     engines = engines_for(trunk, args.tile)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-    print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {name}, torch {torch.__version__}")
+    layout = "channels-last" if args.channels_last else "NCHW"
+    print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {layout}, {name}, torch {torch.__version__}")
     print("| image | mode | step (median) | ratio to whole | peak memory | estimate |")
     print("|---|---|---|---|---|---|")
     for size in args.size:
         shape = (1, 3, size, size)
-        image = torch.randn(*shape, device=args.device)
+        image = make_image(size, args.device, args.channels_last)
         estimates = {m: engines[m].estimate(shape) for m in engines}
         whole_gib = estimates["streamed"].whole_image_bytes / 2**30
         modes = [m for m in args.modes if m.startswith("streamed") or whole_gib <= args.max_whole_gib]

@@ -399,6 +399,20 @@ class StreamingCNN(nn.Module):
                 param.grad = g if param.grad is None else param.grad.add_(g)
         self.saliency_map = image_grad
 
+    def input_gradient(self, image: torch.Tensor | ImageSource, grad: torch.Tensor) -> torch.Tensor:
+        """The image gradient (saliency map) for feature-map gradient ``grad``.
+
+        Parameter gradients are neither computed nor touched. The result has the image's full
+        size (on the image's device; host memory for a lazy source).
+        """
+        kept = None
+        if self._kept is not None and self._kept[0] is image and self._kept[1] == _version(image):
+            kept, self._kept = self._kept[2], None
+        autocast = self._autocast or _Autocast.current(self.device)
+        image_grad = self._backward_stages(as_source(image), grad, kept, [], True, autocast)[1]
+        assert image_grad is not None
+        return image_grad
+
     def _backward_stages(self, source: ImageSource, grad: torch.Tensor, kept: list[_Kept] | None,
                          params: list[torch.Tensor], want_image_grad: bool, autocast: _Autocast
                          ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:

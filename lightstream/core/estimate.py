@@ -95,14 +95,8 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
         macs = [costs[i].macs_per_pixel for i in spatial]
         values = [costs[i].elements_per_pixel for i in spatial]
 
-        def lengths(spans: tuple, axis: int) -> list[tuple[int, ...]]:
-            out = []
-            for span, _ in spans:
-                exact = graph.exact_spans(span, axis, full)
-                out.append(tuple(max(0, exact[i][1] - exact[i][0]) for i in spatial))
-            return out
-
-        rows, cols = lengths(plan.row_spans, 0), lengths(plan.col_spans, 1)
+        rows = _exact_lengths(graph, plan.row_spans, 0, full, spatial)
+        cols = _exact_lengths(graph, plan.col_spans, 1, full, spatial)
         # Work is separable over rows and columns; the peak needs each distinct tile shape once.
         row_sums = [sum(r[k] for r in rows) for k in range(len(spatial))]
         col_sums = [sum(c[k] for c in cols) for k in range(len(spatial))]
@@ -122,3 +116,13 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     whole = batch_size * whole_values * bytes_per_value + 2 * params
     peak = batch_size * (tile_peak + kept_maps) * bytes_per_value + 2 * fmap + 3 * params
     return StepEstimate(sum(len(p) for _, p, _ in stages), factor, 4.0 / 3.0 * factor, peak, whole, fmap)
+
+
+def _exact_lengths(graph: TrunkGraph, spans: tuple, axis: int, full: list[tuple[int, int]],
+                   spatial: list[int]) -> list[tuple[int, ...]]:
+    """Per tile along one axis: the exact length computed at each spatial step."""
+    out = []
+    for span, _ in spans:
+        exact = graph.exact_spans(span, axis, full)
+        out.append(tuple(max(0, exact[i][1] - exact[i][0]) for i in spatial))
+    return out

@@ -15,7 +15,6 @@ missing neighbour, which is what makes the streamed backward exact without any b
 
 from __future__ import annotations
 
-import math
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedLayerError
-from .window import IDENTITY, Window
+from .window import Window
 
 __all__ = ["TrunkGraph", "Step", "Span"]
 
@@ -479,7 +478,7 @@ class TrunkGraph:
                              min(spans[i][a][1] for i in step.inputs)) for a in range(2))  # type: ignore[assignment]
             cropped = {i: _crop(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
 
-            def value(n: fx.Node) -> Any:
+            def value(n: fx.Node, cropped: dict[int, torch.Tensor] = cropped) -> Any:
                 i = self._index[n]
                 return cropped[i] if i in cropped else values[i]
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["Window", "IDENTITY"]
+__all__ = ["Window"]
 
 
 def _ceil_div(a: int, b: int) -> int:
@@ -65,5 +65,3 @@ class Window:
             return (0, 1) if last <= 0 else (n - 1, n)
         return first, last
 
-
-IDENTITY = Window()

@@ -6,12 +6,10 @@ Unit tests and scripts drive :class:`TileTunerModel` directly; the widget only r
 from __future__ import annotations
 
 import logging
-import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,6 +19,7 @@ from torch import nn
 
 from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
 from lightstream.core.estimate import StepEstimate
+from lightstream.core.memory import peak_rss, reset_peak_rss
 from lightstream.core.stages import StagePlan
 from lightstream.viz import thumbnail
 
@@ -288,27 +287,6 @@ class _Peak:
         self.value = 0
 
 
-_PROC_STATUS = Path("/proc/self/status")
-_PROC_CLEAR_REFS = Path("/proc/self/clear_refs")
-
-
-def _reset_peak_rss() -> bool:
-    """Reset the kernel's peak-RSS mark of this process (Linux); whether that worked."""
-    try:
-        _PROC_CLEAR_REFS.write_text("5")
-        return True
-    except OSError:
-        return False
-
-
-def _peak_rss() -> int:
-    """The process's peak RSS since the last reset, in bytes (Linux ``VmHWM``)."""
-    match = re.search(r"^VmHWM:\s+(\d+) kB", _PROC_STATUS.read_text(), re.MULTILINE)
-    if match is None:
-        raise OSError("no VmHWM in /proc/self/status")
-    return int(match.group(1)) * 1024
-
-
 @contextmanager
 def _peak_memory(device: torch.device) -> Iterator[_Peak]:
     """Track the peak memory of the block: CUDA tensor memory, or the growth of the process RSS.
@@ -324,10 +302,10 @@ def _peak_memory(device: torch.device) -> Iterator[_Peak]:
         return
     process = psutil.Process()
     base = process.memory_info().rss
-    if _reset_peak_rss():
+    if reset_peak_rss():
         peak = _Peak("peak RSS growth")
         yield peak
-        peak.value = max(0, _peak_rss() - base)
+        peak.value = max(0, peak_rss() - base)
     else:
         peak = _Peak("RSS growth after the step")
         yield peak
