@@ -59,12 +59,16 @@ class _Autocast:
         return torch.autocast(self.device_type, dtype=self.dtype, enabled=self.enabled)
 
 
+_TileGraph = tuple[Tile, torch.Tensor, torch.Tensor]
+"""A single tile's live autograd graph: the tile, its input leaf and its output."""
+
+
 @dataclass
 class _Kept:
     """What the forward keeps for one stage's backward: its input map, or its whole graph."""
 
     input_map: torch.Tensor | None
-    graph: tuple[torch.Tensor, torch.Tensor] | None
+    graph: _TileGraph | None
 
 
 class StreamingCNN(nn.Module):
@@ -79,10 +83,11 @@ class StreamingCNN(nn.Module):
         tile_size: tile height and width in image pixels (an int or ``(height, width)``). Memory
             of the backward scales with it; it must hold one receptive field of the (first
             stage of the) trunk.
-        stages: ``None`` streams the trunk as one piece (memory flat in image size);
-            ``"auto"`` cuts an ``nn.Sequential`` trunk after its downsampling children, keeping
-            the deepest stage maps that fit ``stage_memory`` (much less recompute, see
-            :mod:`lightstream.core.stages`); a list of child indices cuts there.
+        stages: ``"auto"`` (default) cuts an ``nn.Sequential`` trunk after its downsampling
+            children, keeping the deepest stage maps that fit ``stage_memory`` (much less
+            recompute, see :mod:`lightstream.core.stages`; other trunks stream in one piece);
+            ``None`` streams the trunk as one piece (memory flat in image size); a list of
+            child indices cuts there.
         stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``.
         saliency: also compute the gradient with respect to the image in :meth:`backward`
             (stored in :attr:`saliency_map`).
@@ -112,7 +117,7 @@ class StreamingCNN(nn.Module):
         tile_shape: Sequence[int] | None = None,
         *,
         tile_size: int | tuple[int, int] | None = None,
-        stages: str | Sequence[int] | None = None,
+        stages: str | Sequence[int] | None = "auto",
         stage_memory: int = 1 << 30,
         saliency: bool = False,
         mean: Sequence[float] | torch.Tensor | None = None,
@@ -315,16 +320,16 @@ class StreamingCNN(nn.Module):
         return out, kept
 
     def _forward_tiles(self, stage_plan: StagePlan, source: ImageSource, first: bool, keep_graph: bool
-                       ) -> tuple[torch.Tensor, tuple[torch.Tensor, torch.Tensor] | None]:
+                       ) -> tuple[torch.Tensor, _TileGraph | None]:
         """Stream one stage. A single-tile stage can keep its graph (it fits the tile budget by
-        construction), so its backward needs no recomputation: returns ``(leaf, output)`` then."""
+        construction), so its backward needs no recomputation: returns ``(tile, leaf, output)``."""
         graph, plan = stage_plan.stage.graph, stage_plan.plan
         if keep_graph:
             (tile, raw), = self._load_tiles(source, plan, "forward")
             with torch.enable_grad():
                 leaf, x = self._prepare(raw, first, requires_grad=True)
                 y = self._run_tile(graph, plan, tile, x)
-            return y.detach(), (leaf, y)
+            return y.detach(), (tile, leaf, y)
         out: torch.Tensor | None = None
         for tile, raw in self._load_tiles(source, plan, "forward"):
             y = self._run_tile(graph, plan, tile, self._prepare(raw, first)[1])
@@ -431,10 +436,11 @@ class StreamingCNN(nn.Module):
             want_input = index > 0 or want_image_grad
             if not stage_params and not want_input:
                 continue
+            stage_source = source if index == 0 else TensorSource(state.input_map)  # type: ignore[arg-type]
             if state.graph is not None:
-                stage_grads, grad = self._backward_graph(state.graph, source, grad, stage_params, want_input)
+                stage_grads, grad = self._backward_graph(state.graph, stage_source, grad, stage_params,
+                                                         want_input)
             else:
-                stage_source = source if index == 0 else TensorSource(state.input_map)  # type: ignore[arg-type]
                 stage_grads, grad = self._backward_tiles(plans[index], stage_source, grad, stage_params,
                                                          want_input, autocast, first=index == 0)
             for param, g in zip(stage_params, stage_grads):
@@ -444,17 +450,18 @@ class StreamingCNN(nn.Module):
                 kept[index] = _Kept(None, None)  # free the stage's map or graph as soon as possible
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
 
-    def _backward_graph(self, graph: tuple[torch.Tensor, torch.Tensor], source: ImageSource,
-                        grad: torch.Tensor, params: list[torch.Tensor], want_input_grad: bool
+    def _backward_graph(self, graph: _TileGraph, source: ImageSource, grad: torch.Tensor,
+                        params: list[torch.Tensor], want_input_grad: bool
                         ) -> tuple[list[torch.Tensor | None], torch.Tensor | None]:
         """Backward of a single-tile stage whose forward graph was kept."""
-        leaf, y = graph
+        tile, leaf, y = graph
         inputs = params + ([leaf] if want_input_grad else [])
         grads = torch.autograd.grad(y, inputs, grad.to(device=y.device, dtype=y.dtype), allow_unused=True)
         if not want_input_grad:
             return list(grads), None
-        device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
-        return list(grads[:-1]), grads[-1].to(device)
+        input_grad = _zeros_like_source(source, leaf.dtype)
+        input_grad[:, :, tile.input.rows, tile.input.cols] = grads[-1]  # the tile may not read every pixel
+        return list(grads[:-1]), input_grad
 
     def _backward_tiles(self, stage_plan: StagePlan, source: ImageSource, grad: torch.Tensor,
                         params: list[torch.Tensor], want_input_grad: bool, autocast: _Autocast, first: bool
@@ -473,9 +480,8 @@ class StreamingCNN(nn.Module):
                 if tg is not None:
                     totals[index] = tg if totals[index] is None else totals[index].add_(tg)
             if want_input_grad:
-                if input_grad is None:  # where the image lives (a lazy source: host memory)
-                    device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
-                    input_grad = torch.zeros(source.shape, dtype=leaf.dtype, device=device)
+                if input_grad is None:
+                    input_grad = _zeros_like_source(source, leaf.dtype)
                 input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1].to(input_grad.device)
         return totals, input_grad
 
@@ -500,6 +506,12 @@ class _StreamedTrunk(torch.autograd.Function):
                                                         ctx.autocast)
         ctx.kept = None
         return (None, None, image_grad, *grads)
+
+
+def _zeros_like_source(source: ImageSource, dtype: torch.dtype) -> torch.Tensor:
+    """A zero gradient for the whole source, where it lives (a lazy source: host memory)."""
+    device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
+    return torch.zeros(source.shape, dtype=dtype, device=device)
 
 
 def _version(image: Any) -> int:

@@ -7,6 +7,7 @@ measurements so they stay honest.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -66,7 +67,11 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
 
     size = max(probe, *graph_min_size(graph))
     dtype = next((p.dtype for p in graph.trunk.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    autocast_off = [torch.autocast(kind, enabled=False) for kind in ("cpu", "cuda")
+                    if torch.is_autocast_enabled(kind)]  # shapes only: no casts, no data
+    with FakeTensorMode(allow_non_fake_inputs=True), contextlib.ExitStack() as stack:
+        for context in autocast_off:
+            stack.enter_context(context)
         tile = torch.empty(1, in_channels, size, size, dtype=dtype)
         graph.run(tile, (0, size), (0, size), graph.sizes(size, size), observe)
     return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0))) for i in range(len(graph.steps))]

@@ -377,7 +377,7 @@ class TrunkGraph:
                                                     "embedding), which is not local")
 
     # ------------------------------------------------------------------ execution
-    def _call(self, node: fx.Node, target: Any, value: Callable[[fx.Node], Any]) -> Any:
+    def _call(self, node: fx.Node, target: Any, value: Callable[[fx.Node], Any], hooks: bool = True) -> Any:
         args = fx.node.map_arg(node.args, value)
         kwargs = fx.node.map_arg(node.kwargs, value)
         if node.op == "get_attr":
@@ -386,8 +386,8 @@ class TrunkGraph:
                 obj = getattr(obj, part)
             return obj
         if node.op == "call_module":
-            return target(*args, **kwargs) if isinstance(target, nn.Module) else \
-                self._modules[str(target)](*args, **kwargs)
+            module = target if isinstance(target, nn.Module) else self._modules[str(target)]
+            return module(*args, **kwargs) if hooks else module.forward(*args, **kwargs)
         if node.op == "call_method":
             return getattr(args[0], target)(*args[1:], **kwargs)
         return target(*args, **kwargs)
@@ -450,8 +450,10 @@ class TrunkGraph:
 
         Returns the output tensor and the rows and columns of the full output map it holds;
         every value returned equals the whole-image computation at that position.
-        ``observe(step_index, tensor)`` is called with every spatial step's result.
+        ``observe(step_index, tensor)`` is called with every spatial step's result; such a
+        shape probe skips the modules' forward hooks (users' hooks see only real passes).
         """
+        hooks = observe is None
         values: list[Any] = [None] * len(self.steps)
         spans: list[tuple[Span, Span]] = [((0, 0), (0, 0))] * len(self.steps)
 
@@ -460,7 +462,7 @@ class TrunkGraph:
 
         for index, step in enumerate(self.steps):
             if not step.spatial:
-                values[index] = self._call(step.node, step.target, lookup)
+                values[index] = self._call(step.node, step.target, lookup, hooks)
                 continue
             if not step.inputs:
                 values[index], spans[index] = tile, (rows, cols)
@@ -468,7 +470,7 @@ class TrunkGraph:
             if step.window is not None:
                 source = step.inputs[0]
                 values[index], spans[index] = self._run_window(step, values[source], spans[source],
-                                                               sizes[source], lookup)
+                                                               sizes[source], lookup, hooks)
                 if observe is not None:
                     observe(index, values[index])
                 continue
@@ -482,13 +484,13 @@ class TrunkGraph:
                 i = self._index[n]
                 return cropped[i] if i in cropped else values[i]
 
-            values[index], spans[index] = self._call(step.node, step.target, value), box
+            values[index], spans[index] = self._call(step.node, step.target, value, hooks), box
             if observe is not None:
                 observe(index, values[index])
         return values[self.output], spans[self.output][0], spans[self.output][1]
 
     def _run_window(self, step: Step, x: torch.Tensor, box: tuple[Span, Span], size: tuple[int, int],
-                    lookup: Callable[[fx.Node], Any]) -> tuple[torch.Tensor, tuple[Span, Span]]:
+                    lookup: Callable[[fx.Node], Any], hooks: bool) -> tuple[torch.Tensor, tuple[Span, Span]]:
         out_box, starts, pads, first = [], [], [], []
         for axis in range(2):
             window, (lo, hi), n = step.window[axis], box[axis], size[axis]  # type: ignore[index]
@@ -506,7 +508,7 @@ class TrunkGraph:
         if pads[0] or pads[1]:
             x = F.pad(x, (pads[1], 0, pads[0], 0))
         source = step.node.args[0]
-        y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n))
+        y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
         y = y.narrow(2, first[0], out_box[0][1] - out_box[0][0])
         y = y.narrow(3, first[1], out_box[1][1] - out_box[1][0])
         return y, (out_box[0], out_box[1])

@@ -75,13 +75,16 @@ def candidate_cuts(trunk: nn.Module) -> list[int]:
     """
     if not isinstance(trunk, nn.Sequential):
         return []
+    children = list(trunk.children())
     cuts = []
     total = (1, 1)
-    for index, child in enumerate(list(trunk.children())[:-1]):
+    for index, child in enumerate(children[:-1]):
         stride = Geometry(TrunkGraph(nn.Sequential(child))).output_stride
         total = (total[0] * stride[0], total[1] * stride[1])
         if stride != (1, 1) and min(total) >= MIN_CUT_STRIDE:
-            cuts.append(index + 1)
+            rest = Geometry(TrunkGraph(nn.Sequential(*children[index + 1:])))
+            if rest.receptive_field != (1, 1) or rest.output_stride != (1, 1):  # else nothing to stream
+                cuts.append(index + 1)
     return cuts
 
 

@@ -86,8 +86,15 @@ def test_tile_smaller_than_the_receptive_field_names_the_minimum_tile() -> None:
 def test_resnet18_minimum_tile_is_its_receptive_field_of_435_px() -> None:
     trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
     with pytest.raises(TileTooSmallError, match="smallest tile that works is 435 px"):
-        StreamingCNN(trunk, tile_size=434)
-    StreamingCNN(trunk, tile_size=435)
+        StreamingCNN(trunk, tile_size=434, stages=None)
+    StreamingCNN(trunk, tile_size=435, stages=None)
+
+
+def test_staged_resnet18_minimum_tile_is_its_first_stages_receptive_field() -> None:
+    trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
+    with pytest.raises(TileTooSmallError, match="smallest tile that works is 11 px"):
+        StreamingCNN(trunk, tile_size=10)
+    StreamingCNN(trunk, tile_size=11)
 
 
 def test_image_too_small_for_the_trunk_is_refused_with_its_size() -> None:

@@ -25,10 +25,11 @@ def _prepare(trunk: nn.Module) -> nn.Module:
     return _randomise_batchnorm(trunk).double().eval()
 
 
-def test_resnet18_full_trunk_batch2_non_square_is_exact() -> None:
+@pytest.mark.parametrize("stages", [None, "auto"], ids=["one-stage", "auto-stages"])
+def test_resnet18_full_trunk_batch2_non_square_is_exact(stages: str | None) -> None:
     trunk = _prepare(nn.Sequential(*list(models.resnet18().children())[:-2]))
     image = torch.randn(2, 3, 608, 576, dtype=torch.float64)
-    assert_streaming_exact(trunk, image, tile_size=(528, 512))
+    assert_streaming_exact(trunk, image, tile_size=(528, 512), stages=stages)
 
 
 def test_resnet50_up_to_layer2_is_exact() -> None:
@@ -50,7 +51,7 @@ def test_convnext_tiny_first_stages_with_layer_scale_and_channel_layernorm_are_e
 def test_mobilenet_v2_inverted_residuals_are_exact() -> None:
     trunk = _prepare(models.mobilenet_v2().features[:7])
     image = torch.randn(2, 3, 150, 131, dtype=torch.float64)
-    assert_streaming_exact(trunk, image, tile_size=96)
+    assert_streaming_exact(trunk, image, tile_size=96, stages=None)
 
 
 def test_vgg11_features_are_exact() -> None:

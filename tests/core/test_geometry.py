@@ -14,7 +14,8 @@ from lightstream import StreamingCNN
 
 @pytest.fixture(scope="module")
 def resnet50() -> StreamingCNN:
-    return StreamingCNN(nn.Sequential(*list(models.resnet50().children())[:-2]).eval(), tile_size=1024)
+    return StreamingCNN(nn.Sequential(*list(models.resnet50().children())[:-2]).eval(), tile_size=1024,
+                        stages=None)
 
 
 def test_resnet50_geometry_for_a_new_tile_size_takes_under_half_a_second(resnet50: StreamingCNN) -> None:
@@ -32,7 +33,8 @@ def test_resnet_receptive_field_and_output_stride_are_the_known_values(resnet50:
     assert resnet50.geometry.output_stride == (32, 32)
     # torchvision's ResNet-50 is "v1.5" (stride in the 3x3 conv): 427 px, not v1's 483 px.
     assert resnet50.geometry.receptive_field == (427, 427)
-    resnet18 = StreamingCNN(nn.Sequential(*list(models.resnet18().children())[:-2]).eval(), tile_size=1024)
+    resnet18 = StreamingCNN(nn.Sequential(*list(models.resnet18().children())[:-2]).eval(), tile_size=1024,
+                            stages=None)
     assert resnet18.geometry.receptive_field == (435, 435)
 
 

@@ -25,7 +25,7 @@ def test_auto_stages_on_resnet18_are_exact_and_every_stage_tiles() -> None:
 
 def test_explicit_stage_cuts_are_exact_with_tiles_smaller_than_the_trunks_receptive_field() -> None:
     trunk = _resnet18()
-    assert trunk and StreamingCNN(trunk, tile_size=435).geometry.receptive_field == (435, 435)
+    assert StreamingCNN(trunk, tile_size=435, stages=None).geometry.receptive_field == (435, 435)
     image = torch.randn(1, 3, 256, 288, dtype=torch.float64)
     assert_streaming_exact(trunk, image, tile_size=128, stages=[4, 6, 7])
 
@@ -60,6 +60,6 @@ def test_backward_without_kept_maps_recomputes_them() -> None:
 
 def test_staging_cuts_recompute_for_small_tiles() -> None:
     trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
-    whole = StreamingCNN(trunk, tile_size=1024).estimate((1, 3, 2048, 2048))
+    whole = StreamingCNN(trunk, tile_size=1024, stages=None).estimate((1, 3, 2048, 2048))
     staged = StreamingCNN(trunk, tile_size=1024, stages="auto").estimate((1, 3, 2048, 2048))
     assert staged.recompute_factor < 1.1 < 1.5 < whole.recompute_factor

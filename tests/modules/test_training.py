@@ -127,7 +127,8 @@ class _AutocastRecorder:
 def test_bf16_mixed_streams_under_autocast_and_the_recompute_replays_it() -> None:
     trunk, head = tiny_trunk(dtype=torch.float32), tiny_head(dtype=torch.float32)
     data = image_data(2, dtype=torch.float32)
-    model = AutogradStyle(copy.deepcopy(trunk), copy.deepcopy(head))
+    # One stage, so every tile is recomputed (a single-tile stage would keep its graph instead).
+    model = AutogradStyle(copy.deepcopy(trunk), copy.deepcopy(head), stages=None)
     recorder, gradients = _AutocastRecorder(model.stream_network.stream_module), _GradientRecorder()
     dtypes = []
     model.on_train_batch_start = lambda batch, batch_idx: dtypes.append(model.streaming_dtype)

@@ -17,7 +17,7 @@ def test_valid_tile_has_plan_estimate_and_profile(trunk: nn.Module) -> None:
     model = TileTunerModel(trunk, torch.rand(1, 3, 96, 96), SIZES, tile_size=32)
     assert model.warning is None
     assert model.plan is not None and model.estimate is not None
-    assert len(model.plan) == model.estimate.tiles > 1
+    assert model.estimate.tiles >= len(model.plan) > 1  # the estimate counts the tiles of every stage
     assert model.estimate.peak_bytes > 0 and model.estimate.relative_time > 1
     assert len(model.profiles) == 1 and model.profiles[0][-1].lost[0] > 0
     assert model.minimum_tile_size == 12
