@@ -41,6 +41,8 @@ __all__ = ["StreamingCNN"]
 
 logger = logging.getLogger(__name__)
 
+_TRACES_KEPT = 4  # traced structures (module sets x train/eval modes) kept per engine
+
 
 @dataclass(frozen=True)
 class _Autocast:
@@ -138,8 +140,7 @@ class StreamingCNN(nn.Module):
         self.progress = progress
         self.register_buffer("mean", _channel_vector(mean), persistent=False)
         self.register_buffer("std", _channel_vector(std), persistent=False)
-        self._traced: tuple[tuple, Geometry] | None = None
-        self._cache: dict[tuple, Any] = {}
+        self._traced: dict[tuple, tuple[Geometry, dict[tuple, Any]]] = {}
         self._kept: tuple[Any, int, list[_Kept]] | None = None
         self._autocast: _Autocast | None = None
         first = self._stages(self._smallest_first_stage_cuts())[0]
@@ -151,23 +152,33 @@ class StreamingCNN(nn.Module):
     def _structure_key(self) -> tuple:
         return tuple((name, id(m), m.training) for name, m in self.stream_module.named_modules())
 
+    def _current(self) -> tuple[Geometry, dict[tuple, Any]]:
+        """Geometry and plan cache of the trunk as it is now (modules and train/eval modes).
+
+        A replaced module or a changed mode is traced anew (modes matter: a traced graph bakes
+        in e.g. stochastic depth's ``training`` flag); the last few traces are kept, so
+        switching between train and eval every epoch does not trace again.
+        """
+        key = self._structure_key()
+        entry = self._traced.get(key)
+        if entry is None:
+            if self._traced:
+                logger.debug("trunk modules or train/eval modes changed: tracing the trunk for them")
+            if len(self._traced) >= _TRACES_KEPT:
+                self._traced.pop(next(iter(self._traced)))
+            entry = self._traced[key] = (Geometry(TrunkGraph(self.stream_module)), {})
+        return entry
+
     @property
     def geometry(self) -> Geometry:
         """The whole trunk's exact geometry (receptive field, output stride, plans, profile)."""
-        key = self._structure_key()
-        if self._traced is None or self._traced[0] != key:
-            if self._traced is not None:
-                logger.info("trunk modules or train/eval modes changed: tracing the trunk again")
-            self._cache.clear()
-            self._kept = None
-            self._traced = (key, Geometry(TrunkGraph(self.stream_module)))
-        return self._traced[1]
+        return self._current()[0]
 
     def _cached(self, key: tuple, build: Any) -> Any:
-        key = (self.geometry.fingerprint, *key)
-        if key not in self._cache:
-            self._cache[key] = build()
-        return self._cache[key]
+        cache = self._current()[1]
+        if key not in cache:
+            cache[key] = build()
+        return cache[key]
 
     def _stages(self, cuts: tuple[int, ...]) -> list[Stage]:
         if not cuts:

@@ -105,7 +105,7 @@ class TileTunerModel:
         self.trunk: nn.Module = self.target.stream_module if self.target is not None else model_or_trunk
         self.stage_options: dict[str, Any] = (
             {"stages": self.target.stages, "stage_memory": self.target.stage_memory}
-            if self.target is not None and self.target.stages is not None else {})
+            if self.target is not None else {})
         """The given engine's ``stages`` and ``stage_memory``: the tuner plans as it will stream."""
         if hasattr(image, "__array_interface__") and not isinstance(image, (torch.Tensor, np.ndarray)):
             image = np.asarray(image)  # a PIL image
