@@ -200,7 +200,7 @@ class StreamingCNN(nn.Module):
     def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
         """Per stage: its tile size and tile plan, for a ``(B, C, H, W)`` (or ``(H, W)``) image."""
         shape = tuple(int(v) for v in image_shape)
-        batch, channels = (shape[0], shape[1]) if len(shape) == 4 else (1, 3)
+        batch, channels = (shape[0], shape[1]) if len(shape) == 4 else (1, _input_channels(self.stream_module))
         size = shape[-2:]
         itemsize = torch.empty(0, dtype=dtype or _parameter_dtype(self.stream_module)).element_size()
         return self._cached(("plans", size, batch, channels, itemsize, self.tile_size, self.stages,
@@ -534,6 +534,11 @@ def _channel_vector(values: Sequence[float] | torch.Tensor | None) -> torch.Tens
         return torch.empty(0)
     return torch.as_tensor(values, dtype=torch.float64 if isinstance(values, torch.Tensor)
                            and values.dtype == torch.float64 else torch.float32).flatten()
+
+
+def _input_channels(trunk: nn.Module) -> int:
+    """Channels the trunk's first convolution reads (3 when there is none to ask)."""
+    return next((m.in_channels for m in trunk.modules() if isinstance(m, nn.Conv2d)), 3)
 
 
 def _parameter_dtype(module: nn.Module) -> torch.dtype:

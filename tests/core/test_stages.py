@@ -63,3 +63,10 @@ def test_staging_cuts_recompute_for_small_tiles() -> None:
     whole = StreamingCNN(trunk, tile_size=1024, stages=None).estimate((1, 3, 2048, 2048))
     staged = StreamingCNN(trunk, tile_size=1024, stages="auto").estimate((1, 3, 2048, 2048))
     assert staged.recompute_factor < 1.1 < 1.5 < whole.recompute_factor
+
+
+def test_planning_by_height_and_width_reads_the_channels_from_the_first_convolution() -> None:
+    grayscale = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.MaxPool2d(4), nn.Conv2d(4, 4, 3, padding=1)).eval()
+    scnn = StreamingCNN(grayscale, tile_size=16)
+    assert [p.stage.name for p in scnn.stage_plans((64, 64))] == ["0..1", "2"]
+    assert scnn.plan((64, 64)).grid == (6, 6)
