@@ -32,9 +32,12 @@ class Window:
         return self.dilation * (self.kernel - 1) + 1
 
     def out_len(self, n: int) -> int:
-        """Output length for an input of length ``n`` (PyTorch's rule, including ``ceil_mode``)."""
+        """Output length for an input of length ``n`` (PyTorch's rule, including ``ceil_mode``).
+
+        An empty input gives an empty output, padding or not (PyTorch refuses to run it).
+        """
         span = n + self.pad_before + self.pad_after - self.extent
-        if span < 0:
+        if n <= 0 or span < 0:
             return 0
         if not self.ceil_mode:
             return span // self.stride + 1

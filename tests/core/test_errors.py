@@ -124,3 +124,12 @@ def test_replacing_a_layer_rebuilds_the_geometry_instead_of_using_a_stale_one() 
     assert scnn.geometry.receptive_field == (9, 9)
     image = torch.randn(1, 3, 50, 50)
     torch.testing.assert_close(scnn(image), trunk(image).detach(), rtol=1e-5, atol=1e-5)
+
+
+def test_an_intermediate_map_that_would_be_empty_makes_the_image_too_small() -> None:
+    trunk = nn.Sequential(nn.Conv2d(1, 1, 1, stride=(6, 1)), nn.Conv2d(1, 1, (5, 1), dilation=(3, 1)),
+                          nn.Conv2d(1, 1, 1, padding=(1, 0)))  # padding alone must not revive it
+    scnn = StreamingCNN(trunk, tile_size=128, stages=None)
+    with pytest.raises(ValueError, match="64x64 px is too small"):
+        scnn.plan((64, 64))
+    assert scnn.plan((128, 64)).output_size == (12, 64)
