@@ -51,6 +51,26 @@ def assert_streaming_exact(trunk: nn.Module, image: torch.Tensor, tile_size, tol
     return scnn
 
 
+def small_trunk() -> nn.Module:
+    """Three convolutions and a pooling: receptive field 12 px, output stride 4 (eval mode)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
+        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
+    ).eval()
+
+
+@pytest.fixture
+def single_torch_thread():
+    """Run torch on one thread: for tiny tensors on a shared CPU, an intra-op thread pool
+    spin-waits so much that a small convolution takes milliseconds instead of microseconds."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)

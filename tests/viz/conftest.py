@@ -5,22 +5,11 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import pytest
-import torch
 from matplotlib.artist import Artist
 from matplotlib.figure import Figure
-from torch import nn
 
 from lightstream import StreamingCNN
-
-
-def small_trunk() -> nn.Module:
-    """Three convolutions and a pooling: receptive field 12 px, output stride 4."""
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
-    ).eval()
+from tests.conftest import small_trunk
 
 
 @pytest.fixture

@@ -3,15 +3,11 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from torch import nn
+
+from tests.conftest import small_trunk
 
 
 @pytest.fixture
 def trunk() -> nn.Module:
-    torch.manual_seed(0)
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-        nn.Conv2d(4, 4, 3, padding=1), nn.ReLU(),
-        nn.Conv2d(4, 4, 3, stride=2, padding=1), nn.ReLU(),
-    ).eval()
+    return small_trunk()
