@@ -6,13 +6,25 @@ Timing: the configurations run alternately, ``--reps`` times each, and the media
 with its ratio to the whole-image step (all measured in this one run). Memory: each
 configuration runs once more in a fresh process, which reports its peak (process RSS on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to what the
-process held before it (model, image, imported libraries); the estimate from the geometry is
-printed next to it. Random weights; BatchNorm frozen (eval), as streaming requires.
+process held before it (model, image, imported libraries). On the CPU it runs twice: with the
+default allocator (the RSS a user sees: glibc keeps freed heap pages, often +40-80 % over the
+tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so
+that every freed tensor returns to the system at once and the RSS tracks the tensors alive: the
+CPU's counterpart of ``max_memory_allocated``, and what the estimate from the geometry
+(``StreamingCNN.estimate``) predicts. ``--reps 0`` skips the timing loop and reports the fresh
+process's single step time instead (for images too large to run twice).
+
+The image is 8-bit by default, as slides and photographs are: the whole-image and checkpoint
+steps normalise it to float on the device inside the step, the streamed steps normalise each
+tile (``StreamingCNN(mean=, std=)``); ``--input float32`` hands every mode a float image.
+Random weights; BatchNorm frozen (eval), as streaming requires.
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
+import os
 import json
 import statistics
 import subprocess
@@ -24,11 +36,12 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 from torchvision import models
 
-from lightstream import StreamingCNN
+from lightstream import StreamingCNN, TileTooSmallError
 from lightstream.core.memory import peak_rss, reset_peak_rss
 
 MODES = ("whole", "checkpoint", "streamed-one-stage", "streamed")
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEAN, STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def build(model: str, device: str, channels_last: bool) -> tuple[nn.Sequential, nn.Module]:
@@ -45,6 +58,8 @@ def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, 
     """One forward + backward of trunk and head (gradients accumulate; never stepped)."""
     device = image.device.type
     target = torch.zeros(image.shape[0], dtype=torch.long, device=image.device)
+    if not mode.startswith("streamed") and not image.is_floating_point():
+        image = normalise(image)
     with torch.autocast(device, dtype=amp or torch.float32, enabled=amp is not None):
         if mode == "whole":
             fmap = trunk(image)
@@ -59,14 +74,29 @@ def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, 
     loss.backward()
 
 
-def make_image(size: int, device: str, channels_last: bool) -> torch.Tensor:
-    image = torch.randn(1, 3, size, size, device=device)
+def normalise(image: torch.Tensor) -> torch.Tensor:
+    mean = torch.tensor(MEAN, device=image.device).view(1, -1, 1, 1)
+    std = torch.tensor(STD, device=image.device).view(1, -1, 1, 1)
+    return (image.float() - mean) / std
+
+
+def make_image(size: int, device: str, channels_last: bool, kind: str) -> torch.Tensor:
+    if kind == "uint8":
+        image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=device)
+    else:
+        image = torch.randn(1, 3, size, size, device=device)
     return image.to(memory_format=torch.channels_last) if channels_last else image
 
 
-def engines_for(trunk: nn.Sequential, tile: int) -> dict[str, StreamingCNN]:
-    return {"streamed-one-stage": StreamingCNN(trunk, tile_size=tile, stages=None),
-            "streamed": StreamingCNN(trunk, tile_size=tile)}  # the default: stages="auto"
+def engines_for(trunk: nn.Sequential, tile: int, kind: str) -> dict[str, StreamingCNN]:
+    """Streaming with one stage and with the default (``stages="auto"``)."""
+    norm = {"mean": MEAN, "std": STD} if kind == "uint8" else {}
+    engines = {"streamed": StreamingCNN(trunk, tile_size=tile, **norm)}
+    try:
+        engines["streamed-one-stage"] = StreamingCNN(trunk, tile_size=tile, stages=None, **norm)
+    except TileTooSmallError as error:
+        logging.warning("streamed-one-stage skipped: %s", error)
+    return engines
 
 
 def peak_memory(device: str) -> float:
@@ -87,23 +117,36 @@ def worker(args: argparse.Namespace) -> None:
     """Run one configuration once in this fresh process and print its peak memory as JSON."""
     torch.manual_seed(0)
     trunk, head = build(args.model, args.device, args.channels_last)
-    image = make_image(args.size[0], args.device, args.channels_last)
-    engines = engines_for(trunk, args.tile) if args.worker.startswith("streamed") else {}
+    image = make_image(args.size[0], args.device, args.channels_last, args.input)
+    engines = engines_for(trunk, args.tile, args.input) if args.worker.startswith("streamed") else {}
+    if args.worker in engines:
+        engines[args.worker].stage_plans(image.shape)  # plan outside the measured step
     reset_peak(args.device)  # a fresh process may inherit its parent's peak RSS mark
     baseline = peak_memory(args.device)  # the process with model and image, before the step
+    start = time.perf_counter()
     step(args.worker, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
-    print(json.dumps({"peak_gib": peak_memory(args.device), "step_gib": peak_memory(args.device) - baseline}))
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    seconds = time.perf_counter() - start
+    peak = peak_memory(args.device)
+    print(json.dumps({"peak_gib": peak, "step_gib": peak - baseline, "seconds": seconds}))
 
 
-def measure_memory(args: argparse.Namespace, mode: str, size: int) -> str:
+def measure_memory(args: argparse.Namespace, mode: str, size: int, release_freed: bool = False
+                   ) -> dict[str, float] | None:
+    """Peak memory (and the step time) of one step of ``mode`` in a fresh process.
+
+    ``release_freed``: fix glibc's mmap threshold, so freed tensors leave the RSS at once.
+    """
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if release_freed else None
     command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--size", str(size),
-               "--tile", str(args.tile), "--dtype", args.dtype, "--device", args.device]
+               "--tile", str(args.tile), "--dtype", args.dtype, "--device", args.device,
+               "--input", args.input]
     command += ["--channels-last"] if args.channels_last else []
-    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     if done.returncode != 0:
-        return "failed"
-    result = json.loads(done.stdout.strip().splitlines()[-1])
-    return f"{result['peak_gib']:.2f} GiB (step +{result['step_gib']:.2f})"
+        return None
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -111,60 +154,94 @@ def main() -> None:
     parser.add_argument("--model", default="resnet18")
     parser.add_argument("--size", type=int, nargs="+", default=[2048])
     parser.add_argument("--tile", type=int, default=1024)
-    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32")
+    parser.add_argument("--dtype", choices=list(DTYPES), default="fp32",
+                        help="fp32, or bf16/fp16 autocast (mixed precision)")
+    parser.add_argument("--input", choices=["uint8", "float32"], default="uint8",
+                        help="the image handed to the step (see the module docstring)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--reps", type=int, default=3, help="timed steps per mode (0: memory runs only)")
     parser.add_argument("--channels-last", action="store_true",
                         help="trunk and image in channels-last memory format (all modes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
     parser.add_argument("--max-whole-gib", type=float, default=16.0,
                         help="skip whole-image/checkpoint runs predicted to need more than this")
-    parser.add_argument("--timeout", type=int, default=1800)
+    parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.reps == 0 and args.no_memory:
+        parser.error("--reps 0 with --no-memory measures nothing")
     if args.worker:
         worker(args)
         return
     torch.manual_seed(0)
     trunk, head = build(args.model, args.device, args.channels_last)
-    engines = engines_for(trunk, args.tile)
+    engines = engines_for(trunk, args.tile, args.input)
     name = torch.cuda.get_device_name() if args.device == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
     layout = "channels-last" if args.channels_last else "NCHW"
-    print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {layout}, {name}, torch {torch.__version__}")
-    print("| image | mode | step (median) | ratio to whole | peak memory | estimate |")
-    print("|---|---|---|---|---|---|")
+    print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {args.input} input, {layout}, {name}, "
+          f"torch {torch.__version__}")
+    cpu = args.device == "cpu"
+    tensors = "step's tensors (freed memory released)" if cpu else "step's tensors (max allocated)"
+    print(f"| image | mode | step | ratio to whole | estimated ratio | peak RSS (step) | {tensors} "
+          "| estimated |" if cpu else f"| image | mode | step | ratio to whole | estimated ratio | {tensors} "
+          "| estimated |")
+    print("|---" * (8 if cpu else 7) + "|")
+    dtype = DTYPES[args.dtype] or torch.float32
     for size in args.size:
         shape = (1, 3, size, size)
-        image = make_image(size, args.device, args.channels_last)
-        estimates = {m: engines[m].estimate(shape) for m in engines}
+        estimates = {m: engines[m].estimate(shape, dtype) for m in engines}
         whole_gib = estimates["streamed"].whole_image_bytes / 2**30
-        modes = [m for m in args.modes if m.startswith("streamed") or whole_gib <= args.max_whole_gib]
-        times: dict[str, list[float]] = {m: [] for m in modes}
-        for _ in range(args.reps):
-            for mode in modes:
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                step(mode, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
-                if args.device == "cuda":
-                    torch.cuda.synchronize()
-                times[mode].append(time.perf_counter() - start)
+        modes = [m for m in args.modes if m in engines or (not m.startswith("streamed")
+                                                             and whole_gib <= args.max_whole_gib)]
+        times = time_steps(args, trunk, head, engines, size, modes) if args.reps else {}
         base = statistics.median(times["whole"]) if "whole" in times else None
         for mode in args.modes:
-            if mode not in times:
-                print(f"| {size}² | {mode} | skipped: ~{whole_gib:.0f} GiB predicted | | | |")
+            if mode not in modes:
+                why = "tile below its receptive field" if mode.startswith("streamed") else \
+                    f"~{whole_gib:.0f} GiB predicted"
+                print(f"| {size}² | {mode} | skipped: {why} |" + " |" * (5 if cpu else 4))
                 continue
-            median = statistics.median(times[mode])
-            ratio = f"{median / base:.2f}×" if base else "—"
-            memory = "" if args.no_memory else measure_memory(args, mode, size)
-            estimate = ""
+            memory = None if args.no_memory else measure_memory(args, mode, size)
+            live = memory if not cpu or memory is None else measure_memory(args, mode, size, True)
+            if mode in times:
+                seconds = f"{statistics.median(times[mode]):.2f} s"
+            else:
+                seconds = f"{memory['seconds']:.1f} s (one step)" if memory else "failed"
+            ratio = f"{statistics.median(times[mode]) / base:.2f}×" if base and mode in times else "—"
+            predicted_ratio, predicted = "", None
             if mode in estimates:
-                e = estimates[mode]
-                estimate = f"{e.relative_time:.2f}×, {e.peak_bytes / 2**30:.2f} GiB"
+                predicted_ratio = f"{estimates[mode].relative_time:.2f}×"
+                predicted = estimates[mode].peak_bytes / 2**30
             elif mode == "whole":
-                estimate = f"{whole_gib:.2f} GiB"
-            print(f"| {size}² | {mode} | {median:.2f} s | {ratio} | {memory} | {estimate} |", flush=True)
+                predicted = whole_gib
+            cells = [f"{size}²", mode, seconds, ratio, predicted_ratio]
+            if cpu:
+                cells.append(f"{memory['peak_gib']:.2f} GiB (+{memory['step_gib']:.2f})" if memory else
+                             "" if args.no_memory else "failed")
+            cells.append(f"+{live['step_gib']:.2f} GiB" if live else "" if args.no_memory else "failed")
+            estimate = "" if predicted is None else f"{predicted:.2f} GiB"
+            if predicted is not None and live:
+                estimate += f" ({predicted / live['step_gib'] - 1:+.0%})"
+            cells.append(estimate)
+            print("| " + " | ".join(cells) + " |", flush=True)
+
+
+def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
+               engines: dict[str, StreamingCNN], size: int, modes: list[str]) -> dict[str, list[float]]:
+    """``--reps`` step times per mode, the modes alternating."""
+    image = make_image(size, args.device, args.channels_last, args.input)
+    times: dict[str, list[float]] = {m: [] for m in modes}
+    for _ in range(args.reps):
+        for mode in modes:
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            step(mode, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
+            if args.device == "cuda":
+                torch.cuda.synchronize()
+            times[mode].append(time.perf_counter() - start)
+    return times
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ from .geometry import Geometry, Tile, TilePlan, as_pair
 from .graph import TrunkGraph
 from .source import ImageSource, TensorSource, as_source
 from .stages import (Stage, StagePlan, candidate_cuts, split_stages, stage_costs, stage_tile_size,
-                     tile_elements)
+                     tile_values)
 
 __all__ = ["StreamingCNN"]
 
@@ -217,7 +217,7 @@ class StreamingCNN(nn.Module):
         stages = self._stages(tuple(cuts))
         costs = self._stage_costs(stages, channels)
         whole = self._stages(())[0]
-        budget = tile_elements(whole, self._stage_costs([whole], channels)[0], self.tile_size)
+        budget = tile_values(whole, self._stage_costs([whole], channels)[0], self.tile_size)
         plans: list[StagePlan] = []
         map_size = size
         for index, (stage, stage_cost) in enumerate(zip(stages, costs)):

@@ -1,8 +1,22 @@
 """Predicted memory and time of a streamed training step, from the geometry alone.
 
-Nothing here runs the network on real data: channel counts come from one shape-only pass
-(``FakeTensorMode``), areas from the tile plan. The benchmark prints these predictions next to
-measurements so they stay honest.
+Nothing here runs the network on real data. One shape-only pass (``FakeTensorMode``) per stage
+records, per step, how many values the step outputs and how many autograd keeps for the
+backward (per output pixel); the tile plans give every step's area. The benchmark prints these
+predictions next to measurements so they stay honest.
+
+The memory model, in values per image of the batch:
+
+* a tile's backward holds its saved values plus two activation-sized gradients (the gradient
+  of a step's output and of its input) at the largest step;
+* a staged step additionally holds the stage maps computed so far (a stage's input map lives
+  until that stage's backward is done), the gradient map flowing into the current stage and
+  the one it produces, and the stitched feature map with its gradient;
+* a stage of one tile keeps its autograd graph from its forward to its backward (no
+  recomputation), so its saved values count in between;
+* the whole-image step holds every saved value of the whole image plus the same transient.
+
+Parameter gradients add twice the parameters (the accumulated gradient and one tile's).
 """
 
 from __future__ import annotations
@@ -12,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .geometry import TilePlan
 from .graph import TrunkGraph
@@ -22,25 +36,31 @@ __all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step"]
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Per spatial step: values stored per pixel and multiply-adds per pixel."""
+    """Per output pixel of one step: values it outputs, values autograd saves, multiply-adds."""
 
     elements_per_pixel: int
     macs_per_pixel: int
+    saved_per_pixel: float = 0.0
 
 
 @dataclass(frozen=True)
 class StepEstimate:
     """Prediction for one training step (forward + backward) on one batch.
 
+    Memory figures are what the step adds to the process that already holds the model, the
+    image and the framework.
+
     Attributes:
-        tiles: number of tiles.
-        recompute_factor: streamed compute of one pass over whole-image compute (1.0 = no overlap).
-        relative_time: streamed step time over the whole-image step time, taking the backward
-            recomputation into account (``4/3 * recompute_factor``).
-        peak_bytes: streamed step: the largest tile's autograd graph, the stitched feature map
-            and its gradient, and the parameter gradients.
-        whole_image_bytes: the conventional step: every activation of the whole image.
+        tiles: number of tiles (all stages).
+        recompute_factor: streamed multiply-adds of one pass over the whole image's (1.0 = no
+            overlap).
+        relative_time: streamed step time over the whole-image step time: a streamed stage
+            runs its tiles twice (forward, then again with the backward: 4 units of work to
+            the whole image's 3), a stage of one tile keeps its graph and runs once.
+        peak_bytes: the streamed step's peak (see the module docstring).
+        whole_image_bytes: the conventional step's peak (every saved value of the whole image).
         feature_map_bytes: the stitched feature map alone.
+        stage_map_bytes: the kept stage maps (0 when the trunk streams in one piece).
     """
 
     tiles: int
@@ -49,10 +69,17 @@ class StepEstimate:
     peak_bytes: int
     whole_image_bytes: int
     feature_map_bytes: int
+    stage_map_bytes: int = 0
 
 
 def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[LayerCost]:
-    """Per step of ``graph``: stored values and multiply-adds per output pixel (shape-only pass)."""
+    """Per step of ``graph``: output, saved values and multiply-adds per output pixel.
+
+    Runs the graph once on a fake (shape-only) tensor with gradients enabled and counts the
+    distinct tensors autograd saves for the backward (parameters, buffers and the input
+    excluded),
+    attributing each to the step that saved it.
+    """
     macs: dict[int, int] = {}
     for index, step in enumerate(graph.steps):
         module = step.target if isinstance(step.target, nn.Module) else None
@@ -60,21 +87,42 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
         if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(weight, torch.Tensor):
             macs[index] = weight.numel()
     elements: dict[int, int] = {}
-
-    def observe(index: int, value: torch.Tensor) -> None:
-        h, w = (value.shape[d] for d in graph.steps[index].dims)
-        elements[index] = value.numel() // max(1, h * w * value.shape[0])
+    saved: dict[int, float] = {}
+    seen: set[int] = set()
+    pending = [0]  # bytes saved since the last observed step
 
     size = max(probe, *graph_min_size(graph))
     dtype = next((p.dtype for p in graph.trunk.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    itemsize = torch.empty(0, dtype=dtype).element_size()
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        if not isinstance(tensor, FakeTensor):  # a parameter or buffer: the model holds it anyway
+            return tensor
+        storage = tensor.untyped_storage()
+        if storage._cdata not in seen:
+            seen.add(storage._cdata)
+            pending[0] += storage.nbytes()
+        return tensor
+
+    def observe(index: int, value: torch.Tensor) -> None:
+        h, w = (value.shape[d] for d in graph.steps[index].dims)
+        pixels = max(1, h * w * value.shape[0])
+        elements[index] = value.numel() // pixels
+        saved[index] = pending[0] / itemsize / pixels
+        pending[0] = 0
+
     autocast_off = [torch.autocast(kind, enabled=False) for kind in ("cpu", "cuda")
                     if torch.is_autocast_enabled(kind)]  # shapes only: no casts, no data
     with FakeTensorMode(allow_non_fake_inputs=True), contextlib.ExitStack() as stack:
         for context in autocast_off:
             stack.enter_context(context)
-        tile = torch.empty(1, in_channels, size, size, dtype=dtype)
+        tile = torch.empty(1, in_channels, size, size, dtype=dtype, requires_grad=True)
+        seen.add(tile.untyped_storage()._cdata)  # the input is the caller's
+        stack.enter_context(torch.enable_grad())
+        stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
         graph.run(tile, (0, size), (0, size), graph.sizes(size, size), observe)
-    return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0))) for i in range(len(graph.steps))]
+    return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0)), saved.get(i, 0.0))
+            for i in range(len(graph.steps))]
 
 
 def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
@@ -85,6 +133,50 @@ def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
     return size, size
 
 
+@dataclass(frozen=True)
+class _StagePass:
+    """One stage's numbers in values per image: work, tile peaks and map sizes."""
+
+    tiles: int
+    tile_work: float
+    whole_work: float
+    tile_forward: float  # largest no-grad tile: two activations
+    tile_backward: float  # largest tile's saved values plus two activation gradients
+    tile_saved: float  # saved values of the (single) tile, held when the graph is kept
+    whole_saved: float
+    whole_transient: float
+    output_map: float
+
+
+def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _StagePass:
+    spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
+    full = plan.layer_sizes
+    macs = [costs[i].macs_per_pixel for i in spatial]
+    values = [costs[i].elements_per_pixel for i in spatial]
+    saves = [costs[i].saved_per_pixel for i in spatial]
+    rows = _exact_lengths(graph, plan.row_spans, 0, full, spatial)
+    cols = _exact_lengths(graph, plan.col_spans, 1, full, spatial)
+    # Work is separable over rows and columns; the peaks need each distinct tile shape once.
+    row_sums = [sum(r[k] for r in rows) for k in range(len(spatial))]
+    col_sums = [sum(c[k] for c in cols) for k in range(len(spatial))]
+    tile_work = sum(m * r * c for m, r, c in zip(macs, row_sums, col_sums))
+    forward = backward = saved_peak = 0.0
+    for r in set(rows):
+        for c in set(cols):
+            activation = max((v * a * b for v, a, b in zip(values, r, c)), default=0)
+            saved_values = sum(s * a * b for s, a, b in zip(saves, r, c))
+            forward = max(forward, 2 * activation)
+            backward = max(backward, saved_values + 2 * activation)
+            saved_peak = max(saved_peak, saved_values)
+    areas = [full[i][0] * full[i][1] for i in spatial]
+    output = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
+    return _StagePass(
+        tiles=len(plan), tile_work=tile_work, whole_work=sum(m * a for m, a in zip(macs, areas)),
+        tile_forward=forward, tile_backward=backward, tile_saved=saved_peak,
+        whole_saved=sum(s * a for s, a in zip(saves, areas)),
+        whole_transient=2 * max((v * a for v, a in zip(values, areas)), default=0), output_map=output)
+
+
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
                   bytes_per_value: int = 4) -> StepEstimate:
     """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
@@ -92,35 +184,33 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
     streamed in one piece is a single stage.
     """
-    total_tile_work = total_whole_work = 0
-    tile_peak = whole_values = kept_maps = 0
-    for index, (graph, plan, costs) in enumerate(stages):
-        spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
-        full = plan.layer_sizes
-        macs = [costs[i].macs_per_pixel for i in spatial]
-        values = [costs[i].elements_per_pixel for i in spatial]
+    passes = [_stage_pass(graph, plan, costs) for graph, plan, costs in stages]
+    maps = [p.output_map for p in passes]
+    fmap = maps[-1]
+    keeps_graph = [p.tiles == 1 for p in passes]
+    held_graphs = [p.tile_saved if keep else 0.0 for p, keep in zip(passes, keeps_graph)]
 
-        rows = _exact_lengths(graph, plan.row_spans, 0, full, spatial)
-        cols = _exact_lengths(graph, plan.col_spans, 1, full, spatial)
-        # Work is separable over rows and columns; the peak needs each distinct tile shape once.
-        row_sums = [sum(r[k] for r in rows) for k in range(len(spatial))]
-        col_sums = [sum(c[k] for c in cols) for k in range(len(spatial))]
-        total_tile_work += sum(m * r * c for m, r, c in zip(macs, row_sums, col_sums))
-        for r in set(rows):
-            for c in set(cols):
-                tile_peak = max(tile_peak, sum(v * a * b for v, a, b in zip(values, r, c)))
-        whole_areas = [full[i][0] * full[i][1] for i in spatial]
-        total_whole_work += sum(m * a for m, a in zip(macs, whole_areas))
-        whole_values += sum(v * a for v, a in zip(values, whole_areas))
-        out_values = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
-        if index < len(stages) - 1:
-            kept_maps += 2 * out_values  # the kept stage map and, in the backward, its gradient
-    factor = total_tile_work / max(1, total_whole_work)
-    fmap = batch_size * out_values * bytes_per_value
+    peak = 0.0
+    for k, p in enumerate(passes):  # forward: maps so far, earlier kept graphs, this tile
+        peak = max(peak, sum(maps[:k + 1]) + sum(held_graphs[:k]) + max(p.tile_forward, held_graphs[k]))
+    for k in range(len(passes) - 1, -1, -1):  # backward, last stage first
+        grads = (maps[k] if k < len(passes) - 1 else 0.0) + (maps[k - 1] if k > 0 else 0.0)
+        held = sum(maps[:k]) + sum(held_graphs[:k]) + 2 * fmap + grads
+        peak = max(peak, held + passes[k].tile_backward)
+
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
-    whole = batch_size * whole_values * bytes_per_value + 2 * params
-    peak = batch_size * (tile_peak + kept_maps) * bytes_per_value + 2 * fmap + 3 * params
-    return StepEstimate(sum(len(p) for _, p, _ in stages), factor, 4.0 / 3.0 * factor, peak, whole, fmap)
+    whole_work = sum(p.whole_work for p in passes)
+    work = sum(p.tile_work for p in passes)
+    time = sum(p.tile_work * (3 if keep else 4) for p, keep in zip(passes, keeps_graph))
+    whole = sum(p.whole_saved for p in passes) + max(p.whole_transient for p in passes) + fmap
+    return StepEstimate(
+        tiles=sum(p.tiles for p in passes),
+        recompute_factor=work / max(1, whole_work),
+        relative_time=time / max(1, 3 * whole_work),
+        peak_bytes=int(batch_size * peak * bytes_per_value + 2 * params),
+        whole_image_bytes=int(batch_size * whole * bytes_per_value + params),
+        feature_map_bytes=int(batch_size * fmap * bytes_per_value),
+        stage_map_bytes=int(batch_size * sum(maps[:-1]) * bytes_per_value))
 
 
 def _exact_lengths(graph: TrunkGraph, spans: tuple, axis: int, full: list[tuple[int, int]],

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from .errors import TileTooSmallError
@@ -206,7 +207,7 @@ class Geometry:
 
     def _axis_plan(self, axis: int, length: int, tile: int, sizes: list[tuple[int, int]]
                    ) -> tuple[tuple[Span, Span], ...] | None:
-        """Greedy cells along one axis: each as many outputs as fit the tile's receptive field."""
+        """Cells along one axis: the fewest that fit the tile, as equal in size as they fit."""
         need = self.graph.needed_span
 
         def fits(lo: int, hi: int) -> bool:
@@ -227,9 +228,9 @@ class Geometry:
                     mid = (good + bad) // 2
                     good, bad = (mid, bad) if fits(lo, mid) else (good, mid)
                 hi = good
-            spans.append((need((lo, hi), axis, sizes), (lo, hi)))
+            spans.append((lo, hi))
             size, lo = hi - lo, hi
-        return tuple(spans)
+        return tuple((need(cell, axis, sizes), cell) for cell in _balanced(spans, fits))
 
     def profile(self, tile_size: int | tuple[int, int]) -> list[LayerProfile]:
         """Per convolution/pooling layer: stride, receptive field and lost border of an interior tile."""
@@ -250,3 +251,15 @@ class Geometry:
             layers.append(LayerProfile(step.path, stride, (fields[0], fields[1]),
                                        (lost[0][0], lost[1][0], lost[0][1], lost[1][1])))
         return layers
+
+
+def _balanced(cells: list[Span], fits: Callable[[int, int], bool]) -> list[Span]:
+    """The same number of cells as the greedy ``cells``, with outputs spread evenly over them.
+
+    Greedy filling leaves a sliver for the last tile; even cells compute the same outputs with
+    tiles of similar, smaller shapes. Falls back to ``cells`` if an even cell does not fit.
+    """
+    count, length = len(cells), cells[-1][1]
+    bounds = [length * i // count for i in range(count + 1)]
+    even = list(zip(bounds, bounds[1:]))
+    return even if all(fits(lo, hi) for lo, hi in even) else cells

@@ -28,7 +28,7 @@ from .graph import TrunkGraph
 MIN_CUT_STRIDE = 4
 
 __all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_size", "stage_costs",
-           "tile_elements"]
+           "tile_values"]
 
 
 @dataclass
@@ -88,16 +88,17 @@ def candidate_cuts(trunk: nn.Module) -> list[int]:
     return cuts
 
 
-def tile_elements(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
-    """Values one interior tile of ``tile`` pixels stores (per image of the batch)."""
-    graph = stage.graph
+def tile_values(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
+    """Values one interior tile of ``tile`` pixels holds in its backward (per image of the batch):
+    what autograd saves, plus the gradients of the largest step's output and input."""
     strides = stage.geometry.strides
-    total = 0.0
-    for index, step in enumerate(graph.steps):
+    saved = largest = 0.0
+    for index, step in enumerate(stage.graph.steps):
         if step.spatial:
             area = math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
-            total += costs[index].elements_per_pixel * area
-    return total
+            saved += costs[index].saved_per_pixel * area
+            largest = max(largest, costs[index].elements_per_pixel * area)
+    return saved + 2 * largest
 
 
 def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_size: tuple[int, int]
@@ -105,11 +106,11 @@ def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_siz
     """The largest square-ish tile of ``stage`` whose values fit ``budget`` (>= its receptive field)."""
     field = stage.geometry.receptive_field
     low, high = max(field), max(max(map_size), max(field))
-    if tile_elements(stage, costs, (high, high)) <= budget:
+    if tile_values(stage, costs, (high, high)) <= budget:
         return (max(field[0], min(high, map_size[0])), max(field[1], min(high, map_size[1])))
     while high - low > 1:
         middle = (low + high) // 2
-        low, high = (middle, high) if tile_elements(stage, costs, (middle, middle)) <= budget else (low, middle)
+        low, high = (middle, high) if tile_values(stage, costs, (middle, middle)) <= budget else (low, middle)
     return (max(low, field[0]), max(low, field[1]))
 
 
