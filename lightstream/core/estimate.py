@@ -7,14 +7,14 @@ predictions next to measurements so they stay honest.
 
 The memory model, in values per image of the batch:
 
-* a tile's backward holds its saved values plus two activation-sized gradients (the gradient
-  of a step's output and of its input) at the largest step;
+* a tile's backward runs its steps in reverse: when a step runs, the values saved by the steps
+  before it are still held, plus the gradients of its output and its input;
 * a staged step additionally holds the stage maps computed so far (a stage's input map lives
   until that stage's backward is done), the gradient map flowing into the current stage and
   the one it produces, and the stitched feature map with its gradient;
 * a stage of one tile keeps its autograd graph from its forward to its backward (no
   recomputation), so its saved values count in between;
-* the whole-image step holds every saved value of the whole image plus the same transient.
+* the whole-image step is the same backward over the whole image.
 
 Parameter gradients add twice the parameters (the accumulated gradient and one tile's).
 """
@@ -140,11 +140,11 @@ class _StagePass:
     tiles: int
     tile_work: float
     whole_work: float
-    tile_forward: float  # largest no-grad tile: two activations
-    tile_backward: float  # largest tile's saved values plus two activation gradients
-    tile_saved: float  # saved values of the (single) tile, held when the graph is kept
+    tile_forward: float  # largest no-grad tile: a step's input and output
+    tile_backward: float  # largest tile's backward (see _backward_peak)
+    tile_saved: float  # saved values of the largest tile, held when its graph is kept
     whole_saved: float
-    whole_transient: float
+    whole_backward: float
     output_map: float
 
 
@@ -152,8 +152,6 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _S
     spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
     full = plan.layer_sizes
     macs = [costs[i].macs_per_pixel for i in spatial]
-    values = [costs[i].elements_per_pixel for i in spatial]
-    saves = [costs[i].saved_per_pixel for i in spatial]
     rows = _exact_lengths(graph, plan.row_spans, 0, full, spatial)
     cols = _exact_lengths(graph, plan.col_spans, 1, full, spatial)
     # Work is separable over rows and columns; the peaks need each distinct tile shape once.
@@ -163,18 +161,33 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _S
     forward = backward = saved_peak = 0.0
     for r in set(rows):
         for c in set(cols):
-            activation = max((v * a * b for v, a, b in zip(values, r, c)), default=0)
-            saved_values = sum(s * a * b for s, a, b in zip(saves, r, c))
-            forward = max(forward, 2 * activation)
-            backward = max(backward, saved_values + 2 * activation)
-            saved_peak = max(saved_peak, saved_values)
-    areas = [full[i][0] * full[i][1] for i in spatial]
+            areas = dict(zip(spatial, (a * b for a, b in zip(r, c))))
+            tile = _backward_peak(graph, costs, areas)
+            forward, backward, saved_peak = max(forward, tile[0]), max(backward, tile[1]), max(saved_peak, tile[2])
+    areas = {i: full[i][0] * full[i][1] for i in spatial}
+    _, whole_backward, whole_saved = _backward_peak(graph, costs, areas)
     output = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
     return _StagePass(
-        tiles=len(plan), tile_work=tile_work, whole_work=sum(m * a for m, a in zip(macs, areas)),
-        tile_forward=forward, tile_backward=backward, tile_saved=saved_peak,
-        whole_saved=sum(s * a for s, a in zip(saves, areas)),
-        whole_transient=2 * max((v * a for v, a in zip(values, areas)), default=0), output_map=output)
+        tiles=len(plan), tile_work=tile_work, whole_work=sum(m * areas[i] for m, i in zip(macs, spatial)),
+        tile_forward=forward, tile_backward=backward, tile_saved=saved_peak, whole_saved=whole_saved,
+        whole_backward=whole_backward, output_map=output)
+
+
+def _backward_peak(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
+                   ) -> tuple[float, float, float]:
+    """Forward peak, backward peak and saved values of one pass with the given step areas.
+
+    The backward runs the steps in reverse: when step ``i`` runs, the values saved by the steps
+    up to ``i`` are still held, plus the gradients of its output and of its input.
+    """
+    held = forward = backward = 0.0
+    for index, area in areas.items():
+        out = costs[index].elements_per_pixel * area
+        inputs = max((costs[j].elements_per_pixel * areas.get(j, 0) for j in graph.steps[index].inputs), default=0)
+        held += costs[index].saved_per_pixel * area
+        forward = max(forward, out + inputs)
+        backward = max(backward, held + out + inputs)
+    return forward, backward, held
 
 
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
@@ -202,7 +215,8 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     whole_work = sum(p.whole_work for p in passes)
     work = sum(p.tile_work for p in passes)
     time = sum(p.tile_work * (3 if keep else 4) for p, keep in zip(passes, keeps_graph))
-    whole = sum(p.whole_saved for p in passes) + max(p.whole_transient for p in passes) + fmap
+    whole = fmap + max(sum(p.whole_saved for p in passes[:k]) + passes[k].whole_backward
+                       for k in range(len(passes)))
     return StepEstimate(
         tiles=sum(p.tiles for p in passes),
         recompute_factor=work / max(1, whole_work),

@@ -191,6 +191,13 @@ class TrunkGraph:
         if self.output < 0:
             raise UnsupportedLayerError(type(trunk).__name__, "the trunk returns nothing")
         self.window_steps = [i for i, s in enumerate(self.steps) if s.window is not None]
+        # Liveness: after step i has run, the values whose last reader it was are dropped, so a
+        # tile holds only what is still to be read (and what autograd saved), not every output.
+        self._released_after: list[list[int]] = [[] for _ in self.steps]
+        for index, step in enumerate(self.steps):
+            if index != self.output:
+                readers = [self._index[user] for user in step.node.users if user in self._index]
+                self._released_after[max(readers, default=index)].append(index)
 
     # ------------------------------------------------------------------ tracing and validation
     def _add(self, node: fx.Node) -> None:
@@ -460,12 +467,18 @@ class TrunkGraph:
         def lookup(n: fx.Node) -> Any:
             return values[self._index[n]]
 
+        def release(index: int) -> None:
+            for done in self._released_after[index]:
+                values[done] = None
+
         for index, step in enumerate(self.steps):
             if not step.spatial:
                 values[index] = self._call(step.node, step.target, lookup, hooks)
+                release(index)
                 continue
             if not step.inputs:
                 values[index], spans[index] = tile, (rows, cols)
+                release(index)
                 continue
             if step.window is not None:
                 source = step.inputs[0]
@@ -473,6 +486,7 @@ class TrunkGraph:
                                                                sizes[source], lookup, hooks)
                 if observe is not None:
                     observe(index, values[index])
+                release(index)
                 continue
             box = spans[step.inputs[0]]
             if len(step.inputs) > 1:
@@ -487,6 +501,7 @@ class TrunkGraph:
             values[index], spans[index] = self._call(step.node, step.target, value, hooks), box
             if observe is not None:
                 observe(index, values[index])
+            release(index)
         return values[self.output], spans[self.output][0], spans[self.output][1]
 
     def _run_window(self, step: Step, x: torch.Tensor, box: tuple[Span, Span], size: tuple[int, int],

@@ -46,6 +46,10 @@ class StreamingConvNext(ImageClassifier):
         model_name: one of :data:`CONVNEXT_NAMES`. The receptive field of ``features``, the
             smallest tile, is 1688 px for tiny and 3416 px for the others.
         Others as in :class:`~lightstream.models.StreamingResNet`.
+
+    The constructor's arguments (but ``loss_fn`` and ``metrics``) are saved as hyperparameters:
+    ``StreamingConvNext.load_from_checkpoint(path)`` rebuilds the model (add ``weights=None`` to skip
+    downloading pretrained weights that the checkpoint replaces anyway).
     """
 
     def __init__(
@@ -68,3 +72,4 @@ class StreamingConvNext(ImageClassifier):
         trunk, head = split_convnext(network, last_trunk_layer)
         super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
                          **normalization_defaults(resolved, kwargs))
+        self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

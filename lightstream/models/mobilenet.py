@@ -36,6 +36,10 @@ class StreamingMobileNetV2(ImageClassifier):
     head's dropout is unaffected. The trunk's state-dict keys are those of torchvision's
     ``features``; see :func:`split_mobilenet_v2` for ``last_trunk_layer``. Other arguments as in
     :class:`~lightstream.models.StreamingResNet`, without ``model_name``.
+
+    The constructor's arguments (but ``loss_fn`` and ``metrics``) are saved as hyperparameters:
+    ``StreamingMobileNetV2.load_from_checkpoint(path)`` rebuilds the model (add ``weights=None``
+    to skip downloading pretrained weights that the checkpoint replaces anyway).
     """
 
     def __init__(
@@ -55,3 +59,4 @@ class StreamingMobileNetV2(ImageClassifier):
         trunk, head = split_mobilenet_v2(network, last_trunk_layer)
         super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
                          **normalization_defaults(resolved, kwargs))
+        self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

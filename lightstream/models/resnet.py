@@ -45,6 +45,10 @@ class StreamingResNet(ImageClassifier):
         **kwargs: to :class:`~lightstream.modules.ImageClassifier` (``lr``, ``mean``, ``std``...).
 
     The trunk's BatchNorm layers stay in eval mode (their affine parameters still train).
+
+    The constructor's arguments (but ``loss_fn`` and ``metrics``) are saved as hyperparameters:
+    ``StreamingResNet.load_from_checkpoint(path)`` rebuilds the model (add ``weights=None`` to skip
+    downloading pretrained weights that the checkpoint replaces anyway).
     """
 
     def __init__(
@@ -67,3 +71,4 @@ class StreamingResNet(ImageClassifier):
         trunk, head = split_resnet(network, last_trunk_layer)
         super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
                          **normalization_defaults(resolved, kwargs))
+        self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

@@ -124,3 +124,23 @@ def test_pretrained_weights_load_through_torchvision_and_set_the_normalisation(n
     assert [m.out_features for m in model.head.modules() if isinstance(m, nn.Linear)] == [3]
     assert torch.allclose(model.stream_network.mean, torch.tensor([0.485, 0.456, 0.406]))
     assert torch.allclose(model.stream_network.std, torch.tensor([0.229, 0.224, 0.225]))
+
+
+def test_a_checkpoint_rebuilds_the_backbone_from_its_saved_arguments(tmp_path) -> None:
+    import lightning as L
+
+    torch.manual_seed(0)
+    model = StreamingMobileNetV2(256, num_classes=3, lr=1e-3, stages="auto")
+    data = torch.utils.data.TensorDataset(torch.rand(2, 3, 64, 64), torch.tensor([0, 2]))
+    trainer = L.Trainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, accelerator="cpu")
+    trainer.fit(model, torch.utils.data.DataLoader(data, batch_size=2))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+
+    restored = StreamingMobileNetV2.load_from_checkpoint(tmp_path / "model.ckpt")
+    assert dict(restored.hparams) == {"tile_size": 256, "num_classes": 3, "weights": None,
+                                      "last_trunk_layer": None, "train_streaming_layers": True,
+                                      "lr": 1e-3, "stages": "auto"}
+    assert restored.tile_size == (256, 256) and restored.lr == 1e-3
+    for key, value in model.state_dict().items():
+        assert torch.equal(restored.state_dict()[key], value), key
