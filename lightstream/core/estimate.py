@@ -31,7 +31,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .geometry import TilePlan
 from .graph import TrunkGraph
 
-__all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step"]
+__all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step", "pass_peaks"]
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ class _StagePass:
     tile_work: float
     whole_work: float
     tile_forward: float  # largest no-grad tile: a step's input and output
-    tile_backward: float  # largest tile's backward (see _backward_peak)
+    tile_backward: float  # largest tile's backward (see pass_peaks)
     tile_saved: float  # saved values of the largest tile, held when its graph is kept
     whole_saved: float
     whole_backward: float
@@ -162,10 +162,10 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _S
     for r in set(rows):
         for c in set(cols):
             areas = dict(zip(spatial, (a * b for a, b in zip(r, c))))
-            tile = _backward_peak(graph, costs, areas)
+            tile = pass_peaks(graph, costs, areas)
             forward, backward, saved_peak = max(forward, tile[0]), max(backward, tile[1]), max(saved_peak, tile[2])
     areas = {i: full[i][0] * full[i][1] for i in spatial}
-    _, whole_backward, whole_saved = _backward_peak(graph, costs, areas)
+    _, whole_backward, whole_saved = pass_peaks(graph, costs, areas)
     output = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
     return _StagePass(
         tiles=len(plan), tile_work=tile_work, whole_work=sum(m * areas[i] for m, i in zip(macs, spatial)),
@@ -173,7 +173,7 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _S
         whole_backward=whole_backward, output_map=output)
 
 
-def _backward_peak(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
+def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
                    ) -> tuple[float, float, float]:
     """Forward peak, backward peak and saved values of one pass with the given step areas.
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .estimate import LayerCost, layer_costs
+from .estimate import LayerCost, layer_costs, pass_peaks
 from .geometry import Geometry, TilePlan
 from .graph import TrunkGraph
 
@@ -89,16 +89,11 @@ def candidate_cuts(trunk: nn.Module) -> list[int]:
 
 
 def tile_values(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
-    """Values one interior tile of ``tile`` pixels holds in its backward (per image of the batch):
-    what autograd saves, plus the gradients of the largest step's output and input."""
+    """Values an interior tile of ``tile`` pixels holds at the peak of its backward (per image)."""
     strides = stage.geometry.strides
-    saved = largest = 0.0
-    for index, step in enumerate(stage.graph.steps):
-        if step.spatial:
-            area = math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
-            saved += costs[index].saved_per_pixel * area
-            largest = max(largest, costs[index].elements_per_pixel * area)
-    return saved + 2 * largest
+    areas = {index: math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
+             for index, step in enumerate(stage.graph.steps) if step.spatial}
+    return pass_peaks(stage.graph, costs, areas)[1]
 
 
 def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_size: tuple[int, int]
