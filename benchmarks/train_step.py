@@ -11,7 +11,8 @@ default allocator (the RSS a user sees: glibc keeps freed heap pages, often +40-
 tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so
 that every freed tensor returns to the system at once and the RSS tracks the tensors alive: the
 CPU's counterpart of ``max_memory_allocated``, and what the estimate from the geometry
-(``StreamingCNN.estimate``) predicts. ``--reps 0`` skips the timing loop and reports the fresh
+(``StreamingCNN.estimate``) predicts. That run, and the GPU's, measure a second step (the first
+compiles kernels and fills caches, once per process). ``--reps 0`` skips the timing loop and reports the fresh
 process's single step time instead (for images too large to run twice).
 
 The image is 8-bit by default, as slides and photographs are: the whole-image and checkpoint
@@ -121,6 +122,10 @@ def worker(args: argparse.Namespace) -> None:
     engines = engines_for(trunk, args.tile, args.input) if args.worker.startswith("streamed") else {}
     if args.worker in engines:
         engines[args.worker].stage_plans(image.shape)  # plan outside the measured step
+    if args.warmup:  # a first step compiles kernels and fills caches: measure the second one
+        step(args.worker, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
+        trunk.zero_grad(set_to_none=True)
+        head.zero_grad(set_to_none=True)
     reset_peak(args.device)  # a fresh process may inherit its parent's peak RSS mark
     baseline = peak_memory(args.device)  # the process with model and image, before the step
     start = time.perf_counter()
@@ -142,6 +147,7 @@ def measure_memory(args: argparse.Namespace, mode: str, size: int, release_freed
     command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--size", str(size),
                "--tile", str(args.tile), "--dtype", args.dtype, "--device", args.device,
                "--input", args.input]
+    command += ["--warmup"] if release_freed or args.device == "cuda" else []
     command += ["--channels-last"] if args.channels_last else []
     done = subprocess.run(command, capture_output=True, text=True, timeout=args.timeout, env=env)
     if done.returncode != 0:
@@ -168,6 +174,7 @@ def main() -> None:
                         help="skip whole-image/checkpoint runs predicted to need more than this")
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
+    parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.reps == 0 and args.no_memory:
         parser.error("--reps 0 with --no-memory measures nothing")
