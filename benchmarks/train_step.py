@@ -12,8 +12,8 @@ tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_T
 that every freed tensor returns to the system at once and the RSS tracks the tensors alive: the
 CPU's counterpart of ``max_memory_allocated``, and what the estimate from the geometry
 (``StreamingCNN.estimate``) predicts. That run, and the GPU's, measure a second step (the first
-compiles kernels and fills caches, once per process). ``--reps 0`` skips the timing loop and reports the fresh
-process's single step time instead (for images too large to run twice).
+compiles kernels and fills caches, once per process). ``--reps 0`` skips the timing loop and
+reports the fresh process's single step time instead (for images too large to run twice).
 
 The image is 8-bit by default, as slides and photographs are: the whole-image and checkpoint
 steps normalise it to float on the device inside the step, the streamed steps normalise each
@@ -123,16 +123,12 @@ def worker(args: argparse.Namespace) -> None:
     if args.worker in engines:
         engines[args.worker].stage_plans(image.shape)  # plan outside the measured step
     if args.warmup:  # a first step compiles kernels and fills caches: measure the second one
-        step(args.worker, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
+        timed_step(args.worker, trunk, head, image, args, engines)
         trunk.zero_grad(set_to_none=True)
         head.zero_grad(set_to_none=True)
     reset_peak(args.device)  # a fresh process may inherit its parent's peak RSS mark
     baseline = peak_memory(args.device)  # the process with model and image, before the step
-    start = time.perf_counter()
-    step(args.worker, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
-    if args.device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    seconds = timed_step(args.worker, trunk, head, image, args, engines)
     peak = peak_memory(args.device)
     print(json.dumps({"peak_gib": peak, "step_gib": peak - baseline, "seconds": seconds}))
 
@@ -189,11 +185,11 @@ def main() -> None:
     print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {args.input} input, {layout}, {name}, "
           f"torch {torch.__version__}")
     cpu = args.device == "cpu"
-    tensors = "step's tensors (freed memory released)" if cpu else "step's tensors (max allocated)"
-    print(f"| image | mode | step | ratio to whole | estimated ratio | peak RSS (step) | {tensors} "
-          "| estimated |" if cpu else f"| image | mode | step | ratio to whole | estimated ratio | {tensors} "
-          "| estimated |")
-    print("|---" * (8 if cpu else 7) + "|")
+    columns = ["image", "mode", "step", "ratio to whole", "estimated ratio",
+               *(["peak RSS (step)", "step's tensors (freed memory released)"] if cpu else
+                 ["step's tensors (max allocated)"]), "estimated"]
+    print("| " + " | ".join(columns) + " |")
+    print("|---" * len(columns) + "|")
     dtype = DTYPES[args.dtype] or torch.float32
     for size in args.size:
         shape = (1, 3, size, size)
@@ -207,7 +203,7 @@ def main() -> None:
             if mode not in modes:
                 why = "tile below its receptive field" if mode.startswith("streamed") else \
                     f"~{whole_gib:.0f} GiB predicted"
-                print(f"| {size}² | {mode} | skipped: {why} |" + " |" * (5 if cpu else 4))
+                print(f"| {size}² | {mode} | skipped: {why} |" + " |" * (len(columns) - 3))
                 continue
             memory = None if args.no_memory else measure_memory(args, mode, size)
             live = memory if not cpu or memory is None else measure_memory(args, mode, size, True)
@@ -241,14 +237,20 @@ def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.reps):
         for mode in modes:
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            step(mode, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
-            if args.device == "cuda":
-                torch.cuda.synchronize()
-            times[mode].append(time.perf_counter() - start)
+            times[mode].append(timed_step(mode, trunk, head, image, args, engines))
     return times
+
+
+def timed_step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor,
+               args: argparse.Namespace, engines: dict[str, StreamingCNN]) -> float:
+    """Seconds of one :func:`step` (the device synchronised before and after)."""
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    step(mode, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
+    if args.device == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
 
 
 if __name__ == "__main__":

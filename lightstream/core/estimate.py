@@ -77,8 +77,7 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
 
     Runs the graph once on a fake (shape-only) tensor with gradients enabled and counts the
     distinct tensors autograd saves for the backward (parameters, buffers and the input
-    excluded),
-    attributing each to the step that saved it.
+    excluded), attributing each to the step that saved it.
     """
     macs: dict[int, int] = {}
     for index, step in enumerate(graph.steps):
@@ -174,7 +173,7 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _S
 
 
 def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
-                   ) -> tuple[float, float, float]:
+               ) -> tuple[float, float, float]:
     """Forward peak, backward peak and saved values of one pass with the given step areas.
 
     The backward runs the steps in reverse: when step ``i`` runs, the values saved by the steps

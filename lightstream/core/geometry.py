@@ -214,7 +214,7 @@ class Geometry:
             a, b = need((lo, hi), axis, sizes)
             return b - a <= tile
 
-        spans = []
+        cells: list[Span] = []
         lo, size = 0, 1
         while lo < length:
             if not fits(lo, lo + 1):
@@ -228,9 +228,9 @@ class Geometry:
                     mid = (good + bad) // 2
                     good, bad = (mid, bad) if fits(lo, mid) else (good, mid)
                 hi = good
-            spans.append((lo, hi))
+            cells.append((lo, hi))
             size, lo = hi - lo, hi
-        return tuple((need(cell, axis, sizes), cell) for cell in _balanced(spans, fits))
+        return tuple((need(cell, axis, sizes), cell) for cell in _balanced(cells, fits))
 
     def profile(self, tile_size: int | tuple[int, int]) -> list[LayerProfile]:
         """Per convolution/pooling layer: stride, receptive field and lost border of an interior tile."""

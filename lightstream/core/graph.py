@@ -467,42 +467,38 @@ class TrunkGraph:
         def lookup(n: fx.Node) -> Any:
             return values[self._index[n]]
 
-        def release(index: int) -> None:
-            for done in self._released_after[index]:
-                values[done] = None
-
         for index, step in enumerate(self.steps):
             if not step.spatial:
                 values[index] = self._call(step.node, step.target, lookup, hooks)
-                release(index)
-                continue
-            if not step.inputs:
+            elif not step.inputs:
                 values[index], spans[index] = tile, (rows, cols)
-                release(index)
-                continue
-            if step.window is not None:
-                source = step.inputs[0]
-                values[index], spans[index] = self._run_window(step, values[source], spans[source],
-                                                               sizes[source], lookup, hooks)
+            else:
+                if step.window is not None:
+                    source = step.inputs[0]
+                    values[index], spans[index] = self._run_window(step, values[source], spans[source],
+                                                                   sizes[source], lookup, hooks)
+                else:
+                    values[index], spans[index] = self._run_merged(step, values, spans, hooks)
                 if observe is not None:
                     observe(index, values[index])
-                release(index)
-                continue
-            box = spans[step.inputs[0]]
-            if len(step.inputs) > 1:
-                box = tuple((max(spans[i][a][0] for i in step.inputs),
-                             min(spans[i][a][1] for i in step.inputs)) for a in range(2))  # type: ignore[assignment]
-            cropped = {i: _crop(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
-
-            def value(n: fx.Node, cropped: dict[int, torch.Tensor] = cropped) -> Any:
-                i = self._index[n]
-                return cropped[i] if i in cropped else values[i]
-
-            values[index], spans[index] = self._call(step.node, step.target, value, hooks), box
-            if observe is not None:
-                observe(index, values[index])
-            release(index)
+            for done in self._released_after[index]:
+                values[done] = None
         return values[self.output], spans[self.output][0], spans[self.output][1]
+
+    def _run_merged(self, step: Step, values: list[Any], spans: list[tuple[Span, Span]], hooks: bool
+                    ) -> tuple[Any, tuple[Span, Span]]:
+        """A position-wise step: its spatial operands cropped to their common rows and columns."""
+        box = spans[step.inputs[0]]
+        if len(step.inputs) > 1:
+            box = tuple((max(spans[i][a][0] for i in step.inputs),
+                         min(spans[i][a][1] for i in step.inputs)) for a in range(2))  # type: ignore[assignment]
+        cropped = {i: _crop(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
+
+        def value(n: fx.Node) -> Any:
+            i = self._index[n]
+            return cropped[i] if i in cropped else values[i]
+
+        return self._call(step.node, step.target, value, hooks), box
 
     def _run_window(self, step: Step, x: torch.Tensor, box: tuple[Span, Span], size: tuple[int, int],
                     lookup: Callable[[fx.Node], Any], hooks: bool) -> tuple[torch.Tensor, tuple[Span, Span]]:
