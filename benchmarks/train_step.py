@@ -2,8 +2,8 @@
 
     python benchmarks/train_step.py --model resnet18 --size 2048 --tile 1024 --reps 3
 
-Timing: the configurations run alternately, ``--reps`` times each, and the median is reported
-with its ratio to the whole-image step (all measured in this one run). Memory: each
+Timing: the configurations run alternately, ``--reps`` times each (on a GPU after one untimed
+step each, which selects the kernels), and the median is reported with its ratio to the whole-image step (all measured in this one run). Memory: each
 configuration runs once more in a fresh process, which reports its peak (process RSS on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to what the
 process held before it (model, image, imported libraries). On the CPU it runs twice: with the
@@ -32,6 +32,7 @@ import subprocess
 import sys
 import time
 
+import psutil
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
@@ -140,6 +141,8 @@ def measure_memory(args: argparse.Namespace, mode: str, size: int, release_freed
     ``release_freed``: fix glibc's mmap threshold, so freed tensors leave the RSS at once.
     """
     env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536") if release_freed else None
+    if args.device == "cuda":
+        torch.cuda.empty_cache()  # this process's cached blocks would crowd the fresh one out
     command = [sys.executable, __file__, "--worker", mode, "--model", args.model, "--size", str(size),
                "--tile", str(args.tile), "--dtype", args.dtype, "--device", args.device,
                "--input", args.input]
@@ -166,8 +169,9 @@ def main() -> None:
                         help="trunk and image in channels-last memory format (all modes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
-    parser.add_argument("--max-whole-gib", type=float, default=16.0,
-                        help="skip whole-image/checkpoint runs predicted to need more than this")
+    parser.add_argument("--max-whole-gib", type=float, default=None,
+                        help="skip whole-image/checkpoint runs predicted to need more than this "
+                             "(default: 90%% of the device's free memory)")
     parser.add_argument("--timeout", type=int, default=3600)
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
@@ -177,6 +181,9 @@ def main() -> None:
     if args.worker:
         worker(args)
         return
+    if args.max_whole_gib is None:
+        free = torch.cuda.mem_get_info()[0] if args.device == "cuda" else psutil.virtual_memory().available
+        args.max_whole_gib = 0.9 * free / 2**30
     torch.manual_seed(0)
     trunk, head = build(args.model, args.device, args.channels_last)
     engines = engines_for(trunk, args.tile, args.input)
@@ -232,9 +239,12 @@ def main() -> None:
 
 def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
                engines: dict[str, StreamingCNN], size: int, modes: list[str]) -> dict[str, list[float]]:
-    """``--reps`` step times per mode, the modes alternating."""
+    """``--reps`` step times per mode, the modes alternating (after one untimed step each on a GPU)."""
     image = make_image(size, args.device, args.channels_last, args.input)
     times: dict[str, list[float]] = {m: [] for m in modes}
+    if args.device == "cuda":  # the first CUDA step of a shape selects kernels: not timed
+        for mode in modes:
+            timed_step(mode, trunk, head, image, args, engines)
     for _ in range(args.reps):
         for mode in modes:
             times[mode].append(timed_step(mode, trunk, head, image, args, engines))

@@ -34,8 +34,8 @@ from .estimate import StepEstimate, estimate_step
 from .geometry import Geometry, Tile, TilePlan, as_pair
 from .graph import TrunkGraph
 from .source import ImageSource, TensorSource, as_source
-from .stages import (Stage, StagePlan, candidate_cuts, split_stages, stage_costs, stage_tile_size,
-                     tile_values)
+from .stages import (Stage, StagePlan, candidate_cuts, default_stage_memory, split_stages, stage_costs,
+                     stage_tile_size, tile_values)
 
 __all__ = ["StreamingCNN"]
 
@@ -90,7 +90,9 @@ class StreamingCNN(nn.Module):
             recompute, see :mod:`lightstream.core.stages`; other trunks stream in one piece);
             ``None`` streams the trunk as one piece (memory flat in image size); a list of
             child indices cuts there.
-        stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``.
+        stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``
+            stages; ``"auto"`` (default): 1 GiB, or a sixteenth of the GPU's memory when the
+            trunk is on a larger GPU (:func:`~lightstream.core.stages.default_stage_memory`).
         saliency: also compute the gradient with respect to the image in :meth:`backward`
             (stored in :attr:`saliency_map`).
         mean, std: optional per-channel normalisation applied to each tile on the device, so an
@@ -120,7 +122,7 @@ class StreamingCNN(nn.Module):
         *,
         tile_size: int | tuple[int, int] | None = None,
         stages: str | Sequence[int] | None = "auto",
-        stage_memory: int = 1 << 30,
+        stage_memory: int | str = "auto",
         saliency: bool = False,
         mean: Sequence[float] | torch.Tensor | None = None,
         std: Sequence[float] | torch.Tensor | None = None,
@@ -131,6 +133,8 @@ class StreamingCNN(nn.Module):
             raise TypeError("give exactly one of tile_shape=(1, C, H, W) or tile_size=")
         if stages is not None and stages != "auto" and not isinstance(stream_module, nn.Sequential):
             raise TypeError("explicit stages need an nn.Sequential trunk (cuts are child indices)")
+        if stage_memory != "auto" and not isinstance(stage_memory, int):
+            raise TypeError(f"stage_memory must be a number of bytes or 'auto', not {stage_memory!r}")
         self.stream_module = stream_module
         self.tile_size = as_pair(tile_shape if tile_shape is not None else tile_size)  # type: ignore[arg-type]
         self.stages = stages if stages is None or stages == "auto" else tuple(int(c) for c in stages)
@@ -142,6 +146,7 @@ class StreamingCNN(nn.Module):
         self.register_buffer("std", _channel_vector(std), persistent=False)
         self._traced: dict[tuple, tuple[Geometry, dict[tuple, Any]]] = {}
         self._kept: tuple[Any, int, list[_Kept]] | None = None
+        self._normalisers: dict[tuple[torch.device, torch.dtype], tuple[torch.Tensor | None, torch.Tensor | None]] = {}
         self._autocast: _Autocast | None = None
         first = self._stages(self._smallest_first_stage_cuts())[0]
         minimum = first.geometry.min_tile_size()
@@ -204,7 +209,7 @@ class StreamingCNN(nn.Module):
         size = shape[-2:]
         itemsize = torch.empty(0, dtype=dtype or _parameter_dtype(self.stream_module)).element_size()
         return self._cached(("plans", size, batch, channels, itemsize, self.tile_size, self.stages,
-                             self.stage_memory),
+                             self.stage_memory_bytes),
                             lambda: self._make_stage_plans(size, batch, channels, itemsize))
 
     def _make_stage_plans(self, size: tuple[int, int], batch: int, channels: int, itemsize: int
@@ -246,7 +251,7 @@ class StreamingCNN(nn.Module):
             per_pixel = stage_cost[stage.graph.output].elements_per_pixel
             kept_bytes.append(2 * batch * per_pixel * map_size[0] * map_size[1] * itemsize)
         for cut, need in reversed(list(zip(candidates, kept_bytes))):
-            if used + need > self.stage_memory:
+            if used + need > self.stage_memory_bytes:
                 break
             chosen.insert(0, cut)
             used += need
@@ -282,6 +287,11 @@ class StreamingCNN(nn.Module):
     def output_stride(self) -> tuple[int, int]:
         """Image pixels per feature-map pixel, per axis."""
         return self.geometry.output_stride
+
+    @property
+    def stage_memory_bytes(self) -> int:
+        """``stage_memory`` in bytes (``"auto"`` resolved for the trunk's device)."""
+        return default_stage_memory(self.device) if self.stage_memory == "auto" else int(self.stage_memory)
 
     @property
     def device(self) -> torch.device:
@@ -370,11 +380,21 @@ class StreamingCNN(nn.Module):
             x = x.to(_parameter_dtype(self.stream_module))
         leaf = x.detach().requires_grad_() if requires_grad else x
         x = leaf
-        if first and self.mean.numel():
-            x = x - self.mean.to(x.dtype).view(1, -1, 1, 1)
-        if first and self.std.numel():
-            x = x / self.std.to(x.dtype).view(1, -1, 1, 1)
+        if first:
+            mean, std = self._normalisation(x.device, x.dtype)
+            x = x if mean is None else x - mean
+            x = x if std is None else x / std
         return leaf, x
+
+    def _normalisation(self, device: torch.device, dtype: torch.dtype
+                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+        """``mean`` and ``std`` as ``[1, C, 1, 1]`` on the tiles' device, copied there once: a copy
+        from host memory per tile would make the CPU wait for the GPU at every tile."""
+        key = (device, dtype)
+        if key not in self._normalisers:
+            self._normalisers[key] = tuple(  # type: ignore[assignment]
+                v.to(device, dtype).view(1, -1, 1, 1) if v.numel() else None for v in (self.mean, self.std))
+        return self._normalisers[key]
 
     def _load_tiles(self, source: ImageSource, plan: TilePlan, what: str) -> Iterator[tuple[Tile, torch.Tensor]]:
         tiles = plan.tiles

@@ -92,6 +92,8 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
 
     size = max(probe, *graph_min_size(graph))
     dtype = next((p.dtype for p in graph.trunk.parameters() if p.is_floating_point()), torch.get_default_dtype())
+    # the probe tile lives where the trunk's tensors live (fake tensors keep devices apart)
+    device = next((t.device for t in (*graph.trunk.parameters(), *graph.trunk.buffers())), torch.device("cpu"))
     itemsize = torch.empty(0, dtype=dtype).element_size()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
@@ -115,7 +117,7 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
     with FakeTensorMode(allow_non_fake_inputs=True), contextlib.ExitStack() as stack:
         for context in autocast_off:
             stack.enter_context(context)
-        tile = torch.empty(1, in_channels, size, size, dtype=dtype, requires_grad=True)
+        tile = torch.empty(1, in_channels, size, size, dtype=dtype, device=device, requires_grad=True)
         seen.add(tile.untyped_storage()._cdata)  # the input is the caller's
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))

@@ -5,8 +5,9 @@ trunk in overlap (435 px for ResNet-18). Cutting the trunk into stages, keeping 
 stitched output map, and streaming each stage separately makes each stage pay only its own
 small receptive field, so overlap (and recompute) nearly vanishes. The price is memory: each
 kept map (and its gradient, in the backward) grows with the image area. ``stages="auto"``
-keeps the deepest (smallest) maps that fit ``stage_memory`` bytes; ``stages=[...]`` names the
-cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
+keeps the deepest (smallest) maps that fit ``stage_memory`` bytes (by default 1 GiB, or a
+sixteenth of a GPU's memory when that is more: :func:`default_stage_memory`); ``stages=[...]``
+names the cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
 
 Each stage gets its own tile, sized so that one tile of any stage needs about as much memory
 as one tile of the first stage at the user's tile size: memory stays set by the tile.
@@ -19,6 +20,7 @@ from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from .estimate import LayerCost, layer_costs, pass_peaks
@@ -26,9 +28,24 @@ from .geometry import Geometry, TilePlan
 from .graph import TrunkGraph
 
 MIN_CUT_STRIDE = 4
+MIN_STAGE_MEMORY = 1 << 30
+GPU_STAGE_MEMORY_FRACTION = 1 / 16
 
 __all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_size", "stage_costs",
-           "tile_values"]
+           "tile_values", "default_stage_memory"]
+
+
+def default_stage_memory(device: torch.device) -> int:
+    """Bytes the kept stage maps (and their gradients) may use when ``stage_memory="auto"``.
+
+    1 GiB, or on a CUDA device a sixteenth of its memory when that is more (5 GiB on an 80 GiB
+    card): the GPU holds the maps, and every further cut saves recompute (ResNet-34 at 8192² on
+    an H200: 3.1x the whole-image step with 1 GiB, 2.0x with 4 GiB).
+    """
+    if device.type == "cuda":
+        total = torch.cuda.get_device_properties(device).total_memory
+        return max(MIN_STAGE_MEMORY, int(total * GPU_STAGE_MEMORY_FRACTION))
+    return MIN_STAGE_MEMORY
 
 
 @dataclass

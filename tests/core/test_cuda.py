@@ -55,3 +55,21 @@ def test_mixed_precision_streaming_on_cuda_matches_whole_image_autocast(dtype: t
     assert relative_error(out.float(), expected.float()) < 2e-2
     for param, e in zip(trunk.parameters(), expected_grads):
         assert param.grad.dtype == torch.float32 and relative_error(param.grad, e) < 5e-2
+
+
+def test_an_8bit_cpu_image_normalised_per_tile_on_cuda_equals_the_normalised_whole_image() -> None:
+    trunk = _resnet18_trunk(torch.float64)
+    image = torch.randint(0, 256, (1, 3, 480, 512), dtype=torch.uint8)
+    mean, std = (120.0, 110.0, 100.0), (60.0, 55.0, 50.0)
+    scale = torch.tensor(std, dtype=torch.float64, device="cuda").view(1, -1, 1, 1)
+    shift = torch.tensor(mean, dtype=torch.float64, device="cuda").view(1, -1, 1, 1)
+    expected = trunk((image.cuda().double() - shift) / scale)
+    grad = torch.randn_like(expected)
+    expected.backward(grad)
+    expected_grads = [p.grad.clone() for p in trunk.parameters()]
+    trunk.zero_grad(set_to_none=True)
+    out = StreamingCNN(trunk, tile_size=256, mean=mean, std=std).forward_autograd(image)
+    assert relative_error(out, expected) <= 1e-10
+    out.backward(grad)
+    for param, e in zip(trunk.parameters(), expected_grads):
+        assert relative_error(param.grad, e) <= 1e-10

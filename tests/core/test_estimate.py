@@ -58,3 +58,16 @@ def test_whole_image_memory_grows_with_area_and_streamed_memory_is_bounded() -> 
     fmap_growth = large.feature_map_bytes - small.feature_map_bytes
     assert large.peak_bytes - small.peak_bytes <= 2 * fmap_growth  # the map and its gradient only
     assert large.stage_map_bytes == small.stage_map_bytes == 0
+
+
+def test_the_estimate_and_the_automatic_stages_work_for_a_trunk_off_the_cpu() -> None:
+    # the shape-only probe runs where the trunk lives; "meta" stands in for a GPU here
+    def trunk() -> nn.Sequential:
+        return nn.Sequential(*list(models.resnet18(weights=None).children())[:-2]).eval()
+
+    shape = (1, 3, 2048, 2048)
+    on_cpu, on_meta = StreamingCNN(trunk(), tile_size=512), StreamingCNN(trunk().to("meta"), tile_size=512)
+    assert [p.stage.name for p in on_meta.stage_plans(shape)] == [p.stage.name for p in on_cpu.stage_plans(shape)]
+    cpu, meta = on_cpu.estimate(shape), on_meta.estimate(shape)
+    assert meta.tiles == cpu.tiles == 46 and meta.relative_time == cpu.relative_time
+    assert abs(meta.peak_bytes / cpu.peak_bytes - 1) < 0.01

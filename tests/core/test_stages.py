@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
+import pytest
 import torch
 from torch import nn
 from torchvision import models
 
 from lightstream import StreamingCNN
+from lightstream.core.stages import default_stage_memory
 from tests.conftest import assert_streaming_exact, relative_error
 from tests.core.test_exactness_torchvision import _prepare
 
@@ -70,3 +74,34 @@ def test_planning_by_height_and_width_reads_the_channels_from_the_first_convolut
     scnn = StreamingCNN(grayscale, tile_size=16)
     assert [p.stage.name for p in scnn.stage_plans((64, 64))] == ["0..1", "2"]
     assert scnn.plan((64, 64)).grid == (6, 6)
+
+
+def _resnet34_trunk() -> nn.Sequential:
+    return nn.Sequential(*list(models.resnet34(weights=None).children())[:-2]).eval()
+
+
+def test_a_larger_stage_memory_keeps_more_stage_maps_and_recomputes_less() -> None:
+    # The plans of the H200 measurement in the README (ResNet-34, 8192², tile 2048, float32).
+    shape = (1, 3, 8192, 8192)
+    plans, estimates = {}, {}
+    for gib in (1, 4):
+        scnn = StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory=gib << 30)
+        plans[gib] = [p.stage.name for p in scnn.stage_plans(shape)]
+        estimates[gib] = scnn.estimate(shape)
+        assert estimates[gib].stage_map_bytes <= gib << 30
+    assert plans == {1: ["0..6", "7"], 4: ["0..3", "4..5", "6", "7"]}
+    assert estimates[4].relative_time < 1.4 < 1.7 < estimates[1].relative_time
+
+
+def test_automatic_stage_memory_is_one_gib_on_the_cpu_and_a_sixteenth_of_a_large_gpu(monkeypatch) -> None:
+    assert StreamingCNN(_resnet34_trunk(), tile_size=2048).stage_memory_bytes == 1 << 30
+    assert StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory=3 << 30).stage_memory_bytes == 3 << 30
+    cards = {"H200": 143771 << 20, "T4": 15360 << 20}
+    monkeypatch.setattr(torch.cuda, "get_device_properties",
+                        lambda device: SimpleNamespace(total_memory=cards[current]))
+    current = "H200"
+    assert default_stage_memory(torch.device("cuda")) == (143771 << 20) // 16  # 8.8 GiB
+    current = "T4"
+    assert default_stage_memory(torch.device("cuda")) == 1 << 30  # never below 1 GiB
+    with pytest.raises(TypeError, match="stage_memory must be a number of bytes"):
+        StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory="4 GiB")

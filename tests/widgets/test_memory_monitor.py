@@ -31,9 +31,9 @@ class Tiny(L.LightningModule):
 
 def fit(monitor: MemoryMonitor, tmp_path: Path, steps: int = 3, **trainer_args: object) -> L.Trainer:
     data = TensorDataset(torch.rand(8, 3, 16, 16), torch.randint(0, 2, (8,)))
-    defaults = dict(logger=False, enable_checkpointing=False, enable_progress_bar=False,
+    defaults = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
                     enable_model_summary=False)
-    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, callbacks=[monitor],
+    trainer = L.Trainer(max_steps=steps, devices=1, callbacks=[monitor],
                         default_root_dir=tmp_path, **{**defaults, **trainer_args})
     trainer.fit(Tiny(), DataLoader(data, batch_size=2))
     return trainer
