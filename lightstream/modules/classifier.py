@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,7 +21,9 @@ class ImageClassifier(StreamingModule):
     """Streamed trunk, then a head, a loss and torchmetrics metrics: whole-image classification.
 
     Batches are ``(image, target)`` with ``image`` a ``[B, C, H, W]`` tensor (or an image source
-    the engine can read tiles from). Logs ``{stage}_loss`` and every metric as
+    the engine can read tiles from), or one :class:`~lightstream.data.SlideSample` as
+    ``DataLoader(slide_dataset, batch_size=1, collate_fn=collate_single)`` yields it (its label
+    becomes a batch of one). Logs ``{stage}_loss`` and every metric as
     ``{stage}_{name}`` for the stages ``train``, ``val`` and ``test`` with ``self.log``.
     Use it directly or subclass it (override :meth:`configure_optimizers`, the steps, ...).
 
@@ -70,8 +73,10 @@ class ImageClassifier(StreamingModule):
         """Logits from a stitched feature map."""
         return self.head(feature_map)
 
-    def _step(self, batch: tuple[Tensor, Tensor], stage: str) -> Tensor:
-        image, target = batch
+    def _step(self, batch: Any, stage: str) -> Tensor:
+        image, target = _image_and_target(batch)
+        if target is None:
+            raise ValueError(f"{stage} batches need a target: (image, target) or a SlideSample")
         logits = self(image)
         loss = self.loss_fn(logits, target)
         batch_size = int(target.shape[0])
@@ -82,26 +87,48 @@ class ImageClassifier(StreamingModule):
             self.log_dict(metrics, on_step=stage == "train", on_epoch=True, batch_size=batch_size)
         return loss
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss of one batch; Lightning's backward streams the trunk's gradients."""
         return self._step(batch, "train")
 
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss and metrics of one validation batch."""
         return self._step(batch, "val")
 
-    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def test_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss and metrics of one test batch."""
         return self._step(batch, "test")
 
-    def predict_step(self, batch: Tensor | Sequence[Tensor], batch_idx: int,
+    def predict_step(self, batch: Any, batch_idx: int,
                      dataloader_idx: int = 0) -> Tensor | tuple[Tensor, Tensor]:
-        """Logits of a batch (``image`` or ``(image, ...)``), and its feature map if asked for."""
-        image = batch[0] if isinstance(batch, (tuple, list)) else batch
+        """Logits of a batch (``image``, ``(image, ...)`` or a slide sample), and its feature map if asked for."""
+        image = _image_and_target(batch)[0]
         feature_map = self.forward_streaming(image)
         logits = self.forward_head(feature_map)
         return (logits, feature_map) if self.predict_feature_map else logits
 
+    def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
+        """A slide sample stays on the host, where the engine reads its tiles from (moving each
+        tile to the device); its label moves. Other batches move as Lightning moves them."""
+        if _is_slide_sample(batch):
+            return dataclasses.replace(batch, label=batch.label.to(device))
+        return super().transfer_batch_to_device(batch, device, dataloader_idx)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam with learning rate ``lr`` over the parameters that require gradients."""
         return torch.optim.Adam(self.get_trainable_params(), lr=self.lr)
+
+
+def _image_and_target(batch: Any) -> tuple[Any, Tensor | None]:
+    """``(image, target)`` of a batch: ``(image, target, ...)``, a slide sample (its 0-d label
+    becomes a batch of one), or an image alone (no target)."""
+    if _is_slide_sample(batch):
+        return batch.image, batch.label.reshape(1)
+    if isinstance(batch, (tuple, list)):
+        return batch[0], batch[1] if len(batch) > 1 else None
+    return batch, None
+
+
+def _is_slide_sample(batch: Any) -> bool:
+    """A :class:`~lightstream.data.SlideSample` or a dataclass like it (``image`` and ``label``)."""
+    return dataclasses.is_dataclass(batch) and hasattr(batch, "image") and hasattr(batch, "label")

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import lightning as L
 import pytest
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightstream.core.source import ImageSource
-from lightstream.data import Augmentation, SlideDataset, SlideRecord, SyntheticSlide, open_slide, pad_to_multiple, tissue_box
+from lightstream.data import (Augmentation, SlideDataset, SlideRecord, SyntheticSlide, collate_single, open_slide,
+                              pad_to_multiple, tissue_box)
+from lightstream.modules import ImageClassifier
 
 try:
     from lightstream import StreamingCNN
@@ -83,3 +87,30 @@ def test_an_augmented_dataset_sample_streams_like_its_pixels_in_memory(
         fmap_loaded, _, grads_loaded = _forward_and_gradients(scnn, loaded, fmap_grad)
     assert torch.equal(fmap_lazy, fmap_loaded)
     assert all(torch.equal(a, b) for a, b in zip(grads_lazy, grads_loaded, strict=True))
+
+
+
+def test_an_image_classifier_trains_and_predicts_on_what_collate_single_yields(
+    lesion_slide: SyntheticSlide, plain_slide: SyntheticSlide, tmp_path
+) -> None:
+    dataset = SlideDataset([SlideRecord(lesion_slide.path, 1), SlideRecord(plain_slide.path, 0)], mpp=4.0, stride=4)
+    trainer_options = dict(accelerator="cpu", logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                           enable_model_summary=False, default_root_dir=tmp_path)
+
+    def trained(collate) -> ImageClassifier:
+        torch.manual_seed(2)
+        head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2)).double()
+        model = ImageClassifier(_trunk(), head, tile_size=64, lr=0.05)
+        L.Trainer(max_steps=2, **trainer_options).fit(model, DataLoader(dataset, batch_size=1, collate_fn=collate))
+        return model
+
+    untrained = ImageClassifier(_trunk(), nn.Linear(1, 1), tile_size=64)
+    model = trained(collate_single)
+    reference = trained(lambda batch: (batch[0].image, batch[0].label[None]))  # an explicit (image, target)
+    for (name, got), expected in zip(model.named_parameters(), reference.parameters(), strict=True):
+        assert torch.equal(got, expected), name
+    first_conv = model.stream_network.stream_module[0].weight
+    assert (first_conv - untrained.stream_network.stream_module[0].weight).abs().max() > 1e-3  # it trained
+    loader = DataLoader(dataset, batch_size=1, collate_fn=collate_single)
+    predictions = L.Trainer(**trainer_options).predict(model, loader)
+    assert [tuple(p.shape) for p in predictions] == [(1, 2), (1, 2)]
