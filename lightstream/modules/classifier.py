@@ -60,6 +60,9 @@ class ImageClassifier(StreamingModule):
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
         self.lr = lr
         self.predict_feature_map = predict_feature_map
+        # the modules are in the checkpoint's state dict: load_from_checkpoint(path, stream_network=...,
+        # head=...) rebuilds the rest (tile size, lr, normalisation...) from the saved arguments
+        self.save_hyperparameters(ignore=["stream_network", "head", "loss_fn", "metrics"])
         collection = None if metrics is None else MetricCollection(metrics)
         self.train_metrics = None if collection is None else collection.clone(prefix="train_")
         self.val_metrics = None if collection is None else collection.clone(prefix="val_")

@@ -140,7 +140,7 @@ def test_a_checkpoint_rebuilds_the_backbone_from_its_saved_arguments(tmp_path) -
     restored = StreamingMobileNetV2.load_from_checkpoint(tmp_path / "model.ckpt")
     assert dict(restored.hparams) == {"tile_size": 256, "num_classes": 3, "weights": None,
                                       "last_trunk_layer": None, "train_streaming_layers": True,
-                                      "lr": 1e-3, "stages": "auto"}
+                                      "lr": 1e-3, "stages": "auto", "predict_feature_map": False}
     assert restored.tile_size == (256, 256) and restored.lr == 1e-3
     for key, value in model.state_dict().items():
         assert torch.equal(restored.state_dict()[key], value), key

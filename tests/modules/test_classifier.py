@@ -58,3 +58,18 @@ def test_the_default_optimiser_holds_the_trainable_parameters() -> None:
     optimizer = model.configure_optimizers()
     assert isinstance(optimizer, torch.optim.Adam) and optimizer.defaults["lr"] == 3e-3
     assert optimizer.param_groups[0]["params"] == list(model.head.parameters())
+
+
+def test_load_from_checkpoint_restores_the_arguments_given_the_modules(tmp_path) -> None:
+    model = ImageClassifier(tiny_trunk(), tiny_head(), TILE, lr=0.01, mean=(0.1, 0.2, 0.3), std=(2.0, 2.0, 2.0),
+                            predict_feature_map=True)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, loader(image_data(2), 2))
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+
+    restored = ImageClassifier.load_from_checkpoint(tmp_path / "model.ckpt", stream_network=tiny_trunk(seed=7),
+                                                    head=tiny_head(seed=8))
+    assert restored.lr == 0.01 and restored.predict_feature_map
+    assert restored.stream_network.tile_size == (TILE, TILE)
+    assert torch.equal(restored.stream_network.mean, torch.tensor([0.1, 0.2, 0.3]))
+    assert max_difference(restored, model) == 0  # the weights come from the checkpoint
