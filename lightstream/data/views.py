@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from lightstream.core.source import ImageSource
+from lightstream.core.source import ImageSource, TensorSource
 from lightstream.data.geometry import Box, clip_box, round_down_to_multiple, round_up_to_multiple
 
 __all__ = [
@@ -25,10 +25,30 @@ __all__ = [
     "ColorJitterView",
     "pad_to_multiple",
     "crop_to_multiple",
+    "source_thumbnail",
 ]
 
 WHITE = 255
 """Fill value for pixels outside a brightfield slide (white glass, as uint8)."""
+
+
+MAX_THUMBNAIL_ZOOM = 8
+"""A crop's thumbnail asks its source for at most this many times the requested size."""
+
+
+def source_thumbnail(source: ImageSource, max_size: int) -> np.ndarray:
+    """``source`` as an ``[h, w, C]`` array whose longer side is at most ``max_size``.
+
+    Uses the source's own ``thumbnail`` (a slide, a view over one) or, for a tensor in memory,
+    its strided pixels; values keep the source's scale (``uint8`` or float on 0..255).
+    """
+    if callable(getattr(source, "thumbnail", None)):
+        return np.asarray(source.thumbnail(max_size))  # type: ignore[attr-defined]
+    if isinstance(source, TensorSource):
+        image = source.image[0]
+        step = max(1, -(-max(image.shape[-2:]) // max_size))
+        return image[:, ::step, ::step].permute(1, 2, 0).cpu().numpy()
+    raise TypeError(f"cannot draw a {type(source).__name__}: it has no thumbnail(max_size) and is not in memory")
 
 
 def slice_span(index: slice, length: int) -> tuple[int, int]:
@@ -75,6 +95,26 @@ class CropView:
         out[:, :, top : top + inside.height, left : left + inside.width] = tile
         return out
 
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The view as an ``[h, w, C]`` array cut from the source's thumbnail, which is fetched
+        fine enough for the box (up to ``MAX_THUMBNAIL_ZOOM`` times ``max_size``): the longer
+        side is at most ``max_size``, and at least about half of it from a slide. Outside the
+        source reads as ``fill``."""
+        _, _, height, width = self.source.shape
+        zoom = max(height, width) / max(self.box.height, self.box.width, 1)
+        full = source_thumbnail(self.source, math.ceil(max_size * min(max(zoom, 1.0), MAX_THUMBNAIL_ZOOM)))
+        scale_rows, scale_cols = full.shape[0] / height, full.shape[1] / width
+        top, left = math.floor(self.box.top * scale_rows), math.floor(self.box.left * scale_cols)
+        bottom = max(top + 1, math.ceil(self.box.bottom * scale_rows))
+        right = max(left + 1, math.ceil(self.box.right * scale_cols))
+        out = np.full((bottom - top, right - left, *full.shape[2:]), self.fill, dtype=full.dtype)
+        inside = clip_box(Box(top, left, bottom, right), full.shape[0], full.shape[1])
+        if inside.height > 0 and inside.width > 0:
+            out[inside.top - top : inside.bottom - top, inside.left - left : inside.right - left] = full[
+                inside.top : inside.bottom, inside.left : inside.right
+            ]
+        return out
+
 
 class FlipView:
     """``source`` mirrored left-right (``horizontal``) and/or upside-down (``vertical``)."""
@@ -99,6 +139,12 @@ class FlipView:
         tile = self.source.read(slice(r0, r1), slice(c0, c1))
         dims = [d for d, flip in ((2, self.vertical), (3, self.horizontal)) if flip]
         return torch.flip(tile, dims) if dims else tile
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The source's thumbnail (:func:`source_thumbnail`), mirrored like the view."""
+        axes = [a for a, flip in ((0, self.vertical), (1, self.horizontal)) if flip]
+        image = source_thumbnail(self.source, max_size)
+        return np.ascontiguousarray(np.flip(image, axes)) if axes else image
 
 
 class Rot90View:
@@ -129,6 +175,10 @@ class Rot90View:
         else:
             tile = self.source.read(slice(height - c1, height - c0), slice(r0, r1))
         return torch.rot90(tile, self.k, dims=(2, 3))
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The source's thumbnail (:func:`source_thumbnail`), rotated like the view."""
+        return np.ascontiguousarray(np.rot90(source_thumbnail(self.source, max_size), self.k, axes=(0, 1)))
 
 
 # RGB -> YIQ (NTSC); hue rotation turns the (I, Q) chroma plane around the luma axis.
@@ -205,7 +255,14 @@ class ColorJitterView:
         return self.source.shape
 
     def read(self, rows: slice, cols: slice) -> torch.Tensor:
-        tile = self.source.read(rows, cols)
+        return self._jitter(self.source.read(rows, cols))
+
+    def thumbnail(self, max_size: int = 1024) -> np.ndarray:
+        """The source's thumbnail (:func:`source_thumbnail`) with the view's colour jitter."""
+        image = torch.from_numpy(np.ascontiguousarray(source_thumbnail(self.source, max_size)))
+        return self._jitter(image.permute(2, 0, 1)[None]).permute(0, 2, 3, 1)[0].numpy()
+
+    def _jitter(self, tile: torch.Tensor) -> torch.Tensor:
         work_dtype = torch.float32 if tile.dtype in (torch.uint8, torch.float16, torch.bfloat16) else tile.dtype
         pixels = tile.to(work_dtype)
         red, green, blue = pixels[:, 0], pixels[:, 1], pixels[:, 2]

@@ -83,7 +83,8 @@ class TileTunerModel:
             changes it: it plans with its own engine over the same trunk (call :meth:`apply`).
         image: a ``[B, C, H, W]`` or ``[C, H, W]`` tensor; an ``[H, W]``, ``[H, W, C]`` or
             ``[B, C, H, W]`` array; an object with ``.shape == (B, C, H, W)`` and optionally
-            ``.thumbnail(max_size)`` and ``.read(rows, cols)`` (a lazy slide); or just a size
+            ``.thumbnail(max_size)`` and ``.read(rows, cols)`` (a lazy slide, or a crop, flip,
+            rotation or colour view of one); or just a size
             ``(H, W)`` (3 channels) or ``(B, C, H, W)``.
         tile_sizes: the tile sides (px) to choose from; default :func:`default_tile_sizes`.
         tile_size: the initial tile side (added to the options if missing); default the given

@@ -185,3 +185,47 @@ def test_colour_jitter_saturation_zero_makes_grey_and_brightness_scales() -> Non
     assert torch.allclose(grey[:, 0], grey[:, 1], atol=1e-3) and torch.allclose(grey[:, 1], grey[:, 2], atol=1e-3)
     darker = _read_all(ColorJitterView(TensorSource(image), ColorJitter(brightness=0.5)))
     assert torch.allclose(darker, image * 0.5, atol=1e-3)
+
+
+def _as_array(tile: torch.Tensor) -> np.ndarray:
+    return tile[0].permute(1, 2, 0).numpy()
+
+
+@pytest.mark.parametrize("make_view", [
+    lambda s: CropView(s, Box(5, 7, 25, 37)),
+    lambda s: CropView(s, Box(-3, -2, 40, 58), fill=255),
+    lambda s: FlipView(s, horizontal=True),
+    lambda s: FlipView(s, vertical=True, horizontal=True),
+    lambda s: Rot90View(s, 1),
+    lambda s: Rot90View(CropView(s, Box(2, 3, 30, 50)), 3),
+    lambda s: ColorJitterView(FlipView(s, vertical=True), ColorJitter(1.1, 0.9, 0.8, 0.05)),
+], ids=["crop", "pad", "flip", "flip-both", "rot90", "rot270-of-crop", "jitter-of-flip"])
+def test_a_views_thumbnail_at_full_size_equals_its_pixels(make_view) -> None:
+    view = make_view(TensorSource(_image()))
+    assert np.array_equal(view.thumbnail(1000), _as_array(_read_all(view)))
+
+
+def test_a_crop_of_a_slide_has_a_thumbnail_like_its_pixels_and_the_tile_tuner_draws_it(
+    lesion_slide: SyntheticSlide,
+) -> None:
+    from lightstream.viz import thumbnail
+    from lightstream.widgets import TileTunerModel
+
+    with open_slide(lesion_slide.path, level=1) as slide:  # 512 x 768
+        view = Rot90View(pad_to_multiple(slide.crop(Box(100, 200, 356, 584)), 32), 1)
+        assert view.shape == (1, 3, 384, 256)
+        for size in (128, 300):
+            small = view.thumbnail(size)
+            assert size // 2 <= small.shape[0] <= size and small.dtype == np.uint8  # as a slide's thumbnail
+            assert abs(small.shape[0] / small.shape[1] - 1.5) < 0.05
+        small = view.thumbnail(128)
+        step = 384 // small.shape[0]
+        expected = _as_array(_read_all(view))[step // 2 :: step, step // 2 :: step].astype(float)
+        assert expected.shape == small.shape
+        error = np.abs(small - expected).mean()  # box-averaged vs strided pixels: close...
+        shifted = [np.abs(small - np.roll(expected, 2, axis=axis)).mean() for axis in (0, 1)]
+        assert error < 3.5 and error < 0.6 * min(shifted)  # ...and aligned (2 px off is twice as far)
+        trunk = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.MaxPool2d(2)).eval()
+        tuner = TileTunerModel(trunk, view, thumbnail_size=128)
+        assert tuner.thumbnail is not None and tuner.thumbnail.shape == small.shape
+        assert thumbnail(view, 64).shape[0] <= 64
