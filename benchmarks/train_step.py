@@ -3,7 +3,12 @@
     python benchmarks/train_step.py --model resnet18 --size 2048 --tile 1024 --reps 3
 
 Timing: the configurations run alternately, ``--reps`` times each (on a GPU after one untimed
-step each, which selects the kernels), and the median is reported with its ratio to the whole-image step (all measured in this one run). Memory: each
+step each, which selects the kernels), and the median is reported with its ratio to the
+whole-image step (all measured in this one run). On the CPU the CPU-seconds of a step in user
+and kernel mode are printed too, with the ratio of user time: the computation, which is what
+the estimated ratio counts. Kernel time is mostly page faults: tensors past glibc's mmap
+threshold (32 MiB at most) are fresh memory on every allocation, which the whole-image step
+pays for millions of pages a step and 1024-px tiles hardly at all. Memory: each
 configuration runs once more in a fresh process, which reports its peak (process RSS on the
 CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to what the
 process held before it (model, image, imported libraries). On the CPU it runs twice: with the
@@ -31,6 +36,7 @@ import statistics
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import psutil
 import torch
@@ -42,6 +48,15 @@ from lightstream import StreamingCNN, TileTooSmallError
 from lightstream.core.memory import peak_rss, reset_peak_rss
 
 MODES = ("whole", "checkpoint", "streamed-one-stage", "streamed")
+
+
+class StepTime(NamedTuple):
+    """One step: wall-clock seconds, and the CPU-seconds of this process in user and kernel mode."""
+
+    wall: float
+    user: float
+    system: float
+
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MEAN, STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
@@ -192,7 +207,8 @@ def main() -> None:
     print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {args.input} input, {layout}, {name}, "
           f"torch {torch.__version__}")
     cpu = args.device == "cpu"
-    columns = ["image", "mode", "step", "ratio to whole", "estimated ratio",
+    columns = ["image", "mode", "step", "ratio to whole",
+               *(["CPU-s user + sys", "user-time ratio"] if cpu else []), "estimated ratio",
                *(["peak RSS (step)", "step's tensors (freed memory released)"] if cpu else
                  ["step's tensors (max allocated)"]), "estimated"]
     print("| " + " | ".join(columns) + " |")
@@ -204,7 +220,10 @@ def main() -> None:
         whole_gib = estimates["streamed"].whole_image_bytes / 2**30
         modes = [m for m in args.modes if m in engines or (not m.startswith("streamed")
                                                              and whole_gib <= args.max_whole_gib)]
-        times = time_steps(args, trunk, head, engines, size, modes) if args.reps else {}
+        timings = time_steps(args, trunk, head, engines, size, modes) if args.reps else {}
+        times = {m: [t.wall for t in ts] for m, ts in timings.items()}
+        user = {m: statistics.median(t.user for t in ts) for m, ts in timings.items()}
+        system = {m: statistics.median(t.system for t in ts) for m, ts in timings.items()}
         base = statistics.median(times["whole"]) if "whole" in times else None
         for mode in args.modes:
             if mode not in modes:
@@ -225,7 +244,11 @@ def main() -> None:
                 predicted = estimates[mode].peak_bytes / 2**30
             elif mode == "whole":
                 predicted = whole_gib
-            cells = [f"{size}²", mode, seconds, ratio, predicted_ratio]
+            cells = [f"{size}²", mode, seconds, ratio]
+            if cpu:
+                cells.append(f"{user[mode]:.1f} + {system[mode]:.1f}" if mode in user else "")
+                cells.append(f"{user[mode] / user['whole']:.2f}×" if mode in user and "whole" in user else "—")
+            cells.append(predicted_ratio)
             if cpu:
                 cells.append(f"{memory['peak_gib']:.2f} GiB (+{memory['step_gib']:.2f})" if memory else
                              "" if args.no_memory else "failed")
@@ -238,16 +261,19 @@ def main() -> None:
 
 
 def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
-               engines: dict[str, StreamingCNN], size: int, modes: list[str]) -> dict[str, list[float]]:
+               engines: dict[str, StreamingCNN], size: int, modes: list[str]) -> dict[str, list[StepTime]]:
     """``--reps`` step times per mode, the modes alternating (after one untimed step each on a GPU)."""
     image = make_image(size, args.device, args.channels_last, args.input)
-    times: dict[str, list[float]] = {m: [] for m in modes}
+    times: dict[str, list[StepTime]] = {m: [] for m in modes}
     if args.device == "cuda":  # the first CUDA step of a shape selects kernels: not timed
         for mode in modes:
             timed_step(mode, trunk, head, image, args, engines)
     for _ in range(args.reps):
         for mode in modes:
-            times[mode].append(timed_step(mode, trunk, head, image, args, engines))
+            before = os.times()
+            wall = timed_step(mode, trunk, head, image, args, engines)
+            after = os.times()
+            times[mode].append(StepTime(wall, after.user - before.user, after.system - before.system))
     return times
 
 
