@@ -31,7 +31,6 @@ def main() -> None:
                         help="budgets in GiB, or auto")
     parser.add_argument("--reps", type=int, default=2)
     args = parser.parse_args()
-    args.channels_last, args.input = False, "uint8"
 
     torch.manual_seed(0)
     trunk, head = build(args.model, args.device, channels_last=False)
