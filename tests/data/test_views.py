@@ -22,6 +22,8 @@ from lightstream.data import (
     open_slide,
     pad_to_multiple,
 )
+from lightstream.viz import thumbnail
+from lightstream.widgets import TileTunerModel
 
 
 def _image(height: int = 37, width: int = 53, seed: int = 0) -> torch.Tensor:
@@ -208,9 +210,6 @@ def test_a_views_thumbnail_at_full_size_equals_its_pixels(make_view) -> None:
 def test_a_crop_of_a_slide_has_a_thumbnail_like_its_pixels_and_the_tile_tuner_draws_it(
     lesion_slide: SyntheticSlide,
 ) -> None:
-    from lightstream.viz import thumbnail
-    from lightstream.widgets import TileTunerModel
-
     with open_slide(lesion_slide.path, level=1) as slide:  # 512 x 768
         view = Rot90View(pad_to_multiple(slide.crop(Box(100, 200, 356, 584)), 32), 1)
         assert view.shape == (1, 3, 384, 256)
