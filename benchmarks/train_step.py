@@ -29,9 +29,9 @@ Random weights; BatchNorm frozen (eval), as streaming requires.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
-import json
 import statistics
 import subprocess
 import sys
@@ -48,6 +48,8 @@ from lightstream import StreamingCNN, TileTooSmallError
 from lightstream.core.memory import peak_rss, reset_peak_rss
 
 MODES = ("whole", "checkpoint", "streamed-one-stage", "streamed")
+DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+MEAN, STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class StepTime(NamedTuple):
@@ -56,9 +58,6 @@ class StepTime(NamedTuple):
     wall: float
     user: float
     system: float
-
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MEAN, STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 def build(model: str, device: str, channels_last: bool) -> tuple[nn.Sequential, nn.Module]:

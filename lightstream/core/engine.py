@@ -18,7 +18,6 @@ the exact gradient of its input map for the stage before it.
 
 from __future__ import annotations
 
-import itertools
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -32,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import StreamingError, TileTooSmallError
 from .estimate import StepEstimate, estimate_step
 from .geometry import Geometry, Tile, TilePlan, as_pair
-from .graph import TrunkGraph
+from .graph import TrunkGraph, module_device, parameter_dtype
 from .source import ImageSource, TensorSource, as_source
 from .stages import (Stage, StagePlan, candidate_cuts, default_stage_memory, split_stages, stage_costs,
                      stage_tile_size, tile_values)
@@ -207,7 +206,7 @@ class StreamingCNN(nn.Module):
         shape = tuple(int(v) for v in image_shape)
         batch, channels = (shape[0], shape[1]) if len(shape) == 4 else (1, _input_channels(self.stream_module))
         size = shape[-2:]
-        itemsize = torch.empty(0, dtype=dtype or _parameter_dtype(self.stream_module)).element_size()
+        itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         return self._cached(("plans", size, batch, channels, itemsize, self.tile_size, self.stages,
                              self.stage_memory_bytes),
                             lambda: self._make_stage_plans(size, batch, channels, itemsize))
@@ -291,14 +290,12 @@ class StreamingCNN(nn.Module):
     @property
     def stage_memory_bytes(self) -> int:
         """``stage_memory`` in bytes (``"auto"`` resolved for the trunk's device)."""
-        return default_stage_memory(self.device) if self.stage_memory == "auto" else int(self.stage_memory)
+        return default_stage_memory(self.device) if self.stage_memory == "auto" else self.stage_memory  # type: ignore[return-value]
 
     @property
     def device(self) -> torch.device:
         """Where the trunk's parameters live; tiles are moved there one at a time."""
-        for tensor in itertools.chain(self.stream_module.parameters(), self.stream_module.buffers()):
-            return tensor.device
-        return torch.device("cpu")
+        return module_device(self.stream_module)
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
@@ -377,7 +374,7 @@ class StreamingCNN(nn.Module):
         """
         x = x.to(self.device, non_blocking=True)
         if not x.is_floating_point():
-            x = x.to(_parameter_dtype(self.stream_module))
+            x = x.to(parameter_dtype(self.stream_module))
         leaf = x.detach().requires_grad_() if requires_grad else x
         x = leaf
         if first:
@@ -559,10 +556,3 @@ def _channel_vector(values: Sequence[float] | torch.Tensor | None) -> torch.Tens
 def _input_channels(trunk: nn.Module) -> int:
     """Channels the trunk's first convolution reads (3 when there is none to ask)."""
     return next((m.in_channels for m in trunk.modules() if isinstance(m, nn.Conv2d)), 3)
-
-
-def _parameter_dtype(module: nn.Module) -> torch.dtype:
-    for tensor in module.parameters():
-        if tensor.is_floating_point():
-            return tensor.dtype
-    return torch.get_default_dtype()

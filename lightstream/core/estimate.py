@@ -29,7 +29,7 @@ from torch import nn
 from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .geometry import TilePlan
-from .graph import TrunkGraph
+from .graph import TrunkGraph, module_device, parameter_dtype
 
 __all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step", "pass_peaks"]
 
@@ -91,9 +91,8 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
     pending = [0]  # bytes saved since the last observed step
 
     size = max(probe, *graph_min_size(graph))
-    dtype = next((p.dtype for p in graph.trunk.parameters() if p.is_floating_point()), torch.get_default_dtype())
-    # the probe tile lives where the trunk's tensors live (fake tensors keep devices apart)
-    device = next((t.device for t in (*graph.trunk.parameters(), *graph.trunk.buffers())), torch.device("cpu"))
+    dtype = parameter_dtype(graph.trunk)
+    device = module_device(graph.trunk)  # the probe tile must be where the trunk is (fake tensors keep devices apart)
     itemsize = torch.empty(0, dtype=dtype).element_size()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:

@@ -28,7 +28,7 @@ from torch import nn
 from .errors import UnsupportedLayerError
 from .window import Window
 
-__all__ = ["TrunkGraph", "Step", "Span"]
+__all__ = ["TrunkGraph", "Step", "Span", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
@@ -547,3 +547,13 @@ def _crop(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dim
         if (lo, hi) != (wlo, whi):
             x = x.narrow(dims[axis], wlo - lo, whi - wlo)
     return x
+
+
+def module_device(module: nn.Module) -> torch.device:
+    """Where a module's parameters (or, without any, its buffers) live; the CPU for neither."""
+    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+
+
+def parameter_dtype(module: nn.Module) -> torch.dtype:
+    """The dtype of a module's first floating-point parameter (the default dtype without one)."""
+    return next((p.dtype for p in module.parameters() if p.is_floating_point()), torch.get_default_dtype())

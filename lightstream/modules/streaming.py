@@ -55,6 +55,7 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_only
 from torch import Tensor, nn
 
 from ..core import ImageSource, StreamingCNN, StreamingError, as_source
+from ..core.graph import parameter_dtype
 from .tile_cache import TileCache, interior_tile_stride
 
 __all__ = ["StreamingModule"]
@@ -139,13 +140,7 @@ class StreamingModule(L.LightningModule):
         """The dtype the trunk computes in: the autocast dtype under a ``*-mixed`` Trainer
         precision, otherwise the dtype of its parameters (which ``*-true`` precisions set)."""
         precision = self._trainer.precision if self._trainer is not None else None
-        return _AUTOCAST_DTYPES.get(precision, self._trunk_parameter_dtype())
-
-    def _trunk_parameter_dtype(self) -> torch.dtype:
-        for param in self.stream_network.stream_module.parameters():
-            if param.is_floating_point():
-                return param.dtype
-        return torch.get_default_dtype()
+        return _AUTOCAST_DTYPES.get(precision, parameter_dtype(self.stream_network.stream_module))
 
     def configure_tile_stride(self) -> tuple[int, int]:
         """Image pixels between the starts of neighbouring interior tiles, ``(height, width)``.
@@ -280,7 +275,7 @@ class StreamingModule(L.LightningModule):
             x = source.read(slice(0, source.shape[2]), slice(0, source.shape[3]))
         x = x.to(engine.device, non_blocking=True)
         if not x.is_floating_point():
-            x = x.to(self._trunk_parameter_dtype())
+            x = x.to(parameter_dtype(self.stream_network.stream_module))
         if engine.mean.numel():
             x = x - engine.mean.to(x.dtype).view(1, -1, 1, 1)
         if engine.std.numel():
