@@ -4,14 +4,16 @@
 
 Timing: the configurations run alternately, ``--reps`` times each (on a GPU after one untimed
 step each, which selects the kernels), and the median is reported with its ratio to the
-whole-image step (all measured in this one run). On the CPU the CPU-seconds of a step in user
-and kernel mode are printed too, with the ratio of user time: the computation, which is what
-the estimated ratio counts. Kernel time is mostly page faults: tensors past glibc's mmap
-threshold (32 MiB at most) are fresh memory on every allocation, which the whole-image step
-pays for millions of pages a step and 1024-px tiles hardly at all. Memory: each
-configuration runs once more in a fresh process, which reports its peak (process RSS on the
-CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to what the
-process held before it (model, image, imported libraries). On the CPU it runs twice: with the
+whole-image step (all measured in this one run), next to the estimated ratio
+(``StreamingCNN.estimate``). On the CPU the CPU-seconds of a step in user and kernel mode are
+printed too, with the estimate's fresh memory: kernel time is mostly page faults, because
+tensors past glibc's mmap threshold (32 MiB at most) are fresh memory on every allocation,
+which the whole-image step pays for gigabytes a step and 1024-px tiles hardly at all (the
+estimate's CPU time model charges for it).
+
+Memory: each configuration runs once more in a fresh process, which reports its peak (process
+RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to
+what the process held before it (model, image, imported libraries). On the CPU it runs twice: with the
 default allocator (the RSS a user sees: glibc keeps freed heap pages, often +40-80 % over the
 tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so
 that every freed tensor returns to the system at once and the RSS tracks the tensors alive: the
@@ -207,7 +209,8 @@ def main() -> None:
           f"torch {torch.__version__}")
     cpu = args.device == "cpu"
     columns = ["image", "mode", "step", "ratio to whole",
-               *(["CPU-s user + sys", "user-time ratio"] if cpu else []), "estimated ratio",
+               *(["CPU-s user + sys"] if cpu else []), "estimated ratio",
+               *(["fresh memory (est.)"] if cpu else []),
                *(["peak RSS (step)", "step's tensors (freed memory released)"] if cpu else
                  ["step's tensors (max allocated)"]), "estimated"]
     print("| " + " | ".join(columns) + " |")
@@ -237,18 +240,20 @@ def main() -> None:
             else:
                 seconds = f"{memory['seconds']:.1f} s (one step)" if memory else "failed"
             ratio = f"{statistics.median(times[mode]) / base:.2f}×" if base and mode in times else "—"
-            predicted_ratio, predicted = "", None
+            predicted_ratio, predicted, fresh = "", None, None
             if mode in estimates:
                 predicted_ratio = f"{estimates[mode].relative_time:.2f}×"
                 predicted = estimates[mode].peak_bytes / 2**30
+                fresh = estimates[mode].fresh_bytes
             elif mode == "whole":
                 predicted = whole_gib
+                fresh = estimates["streamed"].whole_image_fresh_bytes
             cells = [f"{size}²", mode, seconds, ratio]
             if cpu:
                 cells.append(f"{user[mode]:.1f} + {system[mode]:.1f}" if mode in user else "")
-                cells.append(f"{user[mode] / user['whole']:.2f}×" if mode in user and "whole" in user else "—")
             cells.append(predicted_ratio)
             if cpu:
+                cells.append("" if fresh is None else f"{fresh / 2**30:.2f} GiB")
                 cells.append(f"{memory['peak_gib']:.2f} GiB (+{memory['step_gib']:.2f})" if memory else
                              "" if args.no_memory else "failed")
             cells.append(f"+{live['step_gib']:.2f} GiB" if live else "" if args.no_memory else "failed")

@@ -16,11 +16,13 @@ from .core import (
     Geometry,
     ImageSource,
     LayerProfile,
+    StepEstimate,
     StreamingCNN,
     StreamingError,
     Tile,
     TilePlan,
     TileTooSmallError,
+    TimeModel,
     UnsupportedLayerError,
 )
 
@@ -29,8 +31,8 @@ __version__ = "0.1.0"
 _LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules"}
 
 __all__ = [
-    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StreamingCNN",
-    "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError",
+    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StepEstimate", "StreamingCNN",
+    "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError", "TimeModel",
     "UnsupportedLayerError", "__version__",
 ]
 

@@ -1,6 +1,7 @@
 """The streaming math: pure PyTorch, no Lightning and no UI."""
 
 from .engine import StreamingCNN
+from .estimate import StepEstimate, TimeModel
 from .errors import StreamingError, TileTooSmallError, UnsupportedLayerError
 from .geometry import Box, Geometry, LayerProfile, Tile, TilePlan
 from .graph import TrunkGraph
@@ -9,7 +10,7 @@ from .stages import Stage, StagePlan
 from .window import Window
 
 __all__ = [
-    "Box", "Geometry", "ImageSource", "LayerProfile", "Stage", "StagePlan", "StreamingCNN", "StreamingError",
-    "TensorSource", "Tile", "TilePlan", "TileTooSmallError", "TrunkGraph", "UnsupportedLayerError",
+    "Box", "Geometry", "ImageSource", "LayerProfile", "Stage", "StagePlan", "StepEstimate", "StreamingCNN",
+    "StreamingError", "TensorSource", "Tile", "TilePlan", "TileTooSmallError", "TimeModel", "TrunkGraph", "UnsupportedLayerError",
     "Window", "as_source",
 ]

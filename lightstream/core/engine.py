@@ -29,7 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .errors import StreamingError, TileTooSmallError
-from .estimate import StepEstimate, estimate_step
+from .estimate import StepEstimate, TimeModel, estimate_step
 from .geometry import Geometry, Tile, TilePlan, as_pair
 from .graph import TrunkGraph, module_device, parameter_dtype
 from .source import ImageSource, TensorSource, as_source
@@ -271,16 +271,19 @@ class StreamingCNN(nn.Module):
         """The tiles over the image (the first stage's plan) for ``(H, W)`` or ``(B, C, H, W)``."""
         return self.stage_plans(image_size)[0].plan
 
-    def estimate(self, image_shape: Sequence[int], dtype: torch.dtype = torch.float32) -> StepEstimate:
+    def estimate(self, image_shape: Sequence[int], dtype: torch.dtype = torch.float32,
+                 time_model: TimeModel | None = None) -> StepEstimate:
         """Predicted time ratio and memory of a training step on a ``(B, C, H, W)`` batch.
 
         Computed from the geometry (no real data is run), so a tile-size slider can call it.
+        ``time_model`` defaults to the one for the trunk's device (:meth:`TimeModel.for_device`).
         """
         shape = tuple(int(v) for v in image_shape)
         plans = self.stage_plans(shape, dtype)
         costs = self._stage_costs([p.stage for p in plans], shape[1])
         itemsize = torch.empty(0, dtype=dtype).element_size()
-        return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plans, costs)], shape[0], itemsize)
+        return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plans, costs)], shape[0], itemsize,
+                             time_model or TimeModel.for_device(self.device))
 
     @property
     def output_stride(self) -> tuple[int, int]:

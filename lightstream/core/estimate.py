@@ -17,11 +17,21 @@ The memory model, in values per image of the batch:
 * the whole-image step is the same backward over the whole image.
 
 Parameter gradients add twice the parameters (the accumulated gradient and one tile's).
+
+The time model, relative to the whole-image step: multiply-adds (a streamed stage runs its tiles
+twice, forward and again with the backward: 4 units of work to the whole image's 3; a stage of
+one tile keeps its graph and runs once), plus what :class:`TimeModel` charges for *fresh memory*:
+on a CPU with glibc's allocator every tensor of 32 MiB or more is mapped afresh by the operating
+system on each allocation (page faults, zeroed pages), so a whole image, whose activations are all
+that large, pays for each of them, and 1024-px tiles hardly at all. A GPU's caching allocator
+keeps its memory, so there only the multiply-adds count.
 """
 
 from __future__ import annotations
 
 import contextlib
+from collections import Counter
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +41,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .geometry import TilePlan
 from .graph import TrunkGraph, module_device, parameter_dtype
 
-__all__ = ["StepEstimate", "LayerCost", "layer_costs", "estimate_step", "pass_peaks"]
+__all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks"]
+
+GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
+CPU_FRESH_MEMORY_COST = 50.0
 
 
 @dataclass(frozen=True)
@@ -41,6 +54,36 @@ class LayerCost:
     elements_per_pixel: int
     macs_per_pixel: int
     saved_per_pixel: float = 0.0
+
+
+@dataclass(frozen=True)
+class TimeModel:
+    """What a training step's time is made of besides multiply-adds, in multiply-adds.
+
+    Attributes:
+        fresh_memory_cost: multiply-adds' worth of time per byte of fresh memory: an allocation
+            the operating system maps, faults in and zeroes page by page because the allocator
+            did not keep it. 0 counts multiply-adds only.
+        fresh_memory_threshold: allocations of at least this many bytes are fresh every time
+            (glibc maps them with ``mmap`` and unmaps them on ``free``).
+    """
+
+    fresh_memory_cost: float = 0.0
+    fresh_memory_threshold: int = GLIBC_MMAP_THRESHOLD_MAX
+
+    @classmethod
+    def for_device(cls, device: torch.device) -> TimeModel:
+        """The model for where the trunk runs.
+
+        On the CPU, fresh memory costs 50 multiply-adds a byte, measured on this project's
+        2-core machine (ResNet-18, 2048² and 4096²): 0.7-1.0 s of kernel time per GiB against
+        76 G multiply-adds per CPU-second. Elsewhere (CUDA's caching allocator keeps its
+        memory) only multiply-adds count, which leaves out per-tile overheads (kernel
+        launches, crops and copies): on a GPU the estimate is optimistic.
+        """
+        if device.type == "cpu":
+            return cls(fresh_memory_cost=CPU_FRESH_MEMORY_COST)
+        return cls()
 
 
 @dataclass(frozen=True)
@@ -54,13 +97,15 @@ class StepEstimate:
         tiles: number of tiles (all stages).
         recompute_factor: streamed multiply-adds of one pass over the whole image's (1.0 = no
             overlap).
-        relative_time: streamed step time over the whole-image step time: a streamed stage
-            runs its tiles twice (forward, then again with the backward: 4 units of work to
-            the whole image's 3), a stage of one tile keeps its graph and runs once.
+        relative_time: streamed step time over the whole-image step time, by the
+            :class:`TimeModel` the estimate was made with (see the module docstring).
         peak_bytes: the streamed step's peak (see the module docstring).
         whole_image_bytes: the conventional step's peak (every saved value of the whole image).
         feature_map_bytes: the stitched feature map alone.
         stage_map_bytes: the kept stage maps (0 when the trunk streams in one piece).
+        fresh_bytes: fresh memory the streamed step allocates (tensors past the time model's
+            threshold, each time one is allocated).
+        whole_image_fresh_bytes: the same for the conventional step.
     """
 
     tiles: int
@@ -70,6 +115,8 @@ class StepEstimate:
     whole_image_bytes: int
     feature_map_bytes: int
     stage_map_bytes: int = 0
+    fresh_bytes: int = 0
+    whole_image_fresh_bytes: int = 0
 
 
 def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[LayerCost]:
@@ -135,7 +182,7 @@ def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
 
 @dataclass(frozen=True)
 class _StagePass:
-    """One stage's numbers in values per image: work, tile peaks and map sizes."""
+    """One stage's numbers in values per image: work, tile peaks, map sizes and fresh memory."""
 
     tiles: int
     tile_work: float
@@ -146,31 +193,43 @@ class _StagePass:
     whole_saved: float
     whole_backward: float
     output_map: float
+    tile_fresh: float  # outputs past the fresh-memory threshold, all tiles once
+    whole_fresh: float
 
 
-def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost]) -> _StagePass:
+def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh_threshold: float
+                ) -> _StagePass:
+    """``fresh_threshold``: the size (values per image) from which an output is fresh memory."""
     spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
     full = plan.layer_sizes
     macs = [costs[i].macs_per_pixel for i in spatial]
-    rows = _exact_lengths(graph, plan.row_spans, 0, full, spatial)
-    cols = _exact_lengths(graph, plan.col_spans, 1, full, spatial)
-    # Work is separable over rows and columns; the peaks need each distinct tile shape once.
-    row_sums = [sum(r[k] for r in rows) for k in range(len(spatial))]
-    col_sums = [sum(c[k] for c in cols) for k in range(len(spatial))]
+    values = [costs[i].elements_per_pixel for i in spatial]
+    rows = Counter(_exact_lengths(graph, plan.row_spans, 0, full, spatial))
+    cols = Counter(_exact_lengths(graph, plan.col_spans, 1, full, spatial))
+    # Work is separable over rows and columns; peaks and fresh memory need each tile shape once.
+    row_sums = [sum(r[k] * n for r, n in rows.items()) for k in range(len(spatial))]
+    col_sums = [sum(c[k] * n for c, n in cols.items()) for k in range(len(spatial))]
     tile_work = sum(m * r * c for m, r, c in zip(macs, row_sums, col_sums))
-    forward = backward = saved_peak = 0.0
-    for r in set(rows):
-        for c in set(cols):
+    forward = backward = saved_peak = tile_fresh = 0.0
+    for r, row_count in rows.items():
+        for c, col_count in cols.items():
             areas = dict(zip(spatial, (a * b for a, b in zip(r, c))))
             tile = pass_peaks(graph, costs, areas)
             forward, backward, saved_peak = max(forward, tile[0]), max(backward, tile[1]), max(saved_peak, tile[2])
+            tile_fresh += row_count * col_count * _fresh(values, areas.values(), fresh_threshold)
     areas = {i: full[i][0] * full[i][1] for i in spatial}
     _, whole_backward, whole_saved = pass_peaks(graph, costs, areas)
     output = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
     return _StagePass(
         tiles=len(plan), tile_work=tile_work, whole_work=sum(m * areas[i] for m, i in zip(macs, spatial)),
         tile_forward=forward, tile_backward=backward, tile_saved=saved_peak, whole_saved=whole_saved,
-        whole_backward=whole_backward, output_map=output)
+        whole_backward=whole_backward, output_map=output, tile_fresh=tile_fresh,
+        whole_fresh=_fresh(values, areas.values(), fresh_threshold))
+
+
+def _fresh(values: list[int], areas: Iterable[int], threshold: float) -> float:
+    """Values of the step outputs that are at least ``threshold`` values large."""
+    return float(sum(v * a for v, a in zip(values, areas) if v * a >= threshold))
 
 
 def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
@@ -191,13 +250,16 @@ def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
 
 
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
-                  bytes_per_value: int = 4) -> StepEstimate:
+                  bytes_per_value: int = 4, time_model: TimeModel | None = None) -> StepEstimate:
     """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
 
     ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
-    streamed in one piece is a single stage.
+    streamed in one piece is a single stage. ``time_model`` defaults to multiply-adds only
+    (``StreamingCNN.estimate`` passes its device's :meth:`TimeModel.for_device`).
     """
-    passes = [_stage_pass(graph, plan, costs) for graph, plan, costs in stages]
+    time_model = time_model or TimeModel()
+    threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
+    passes = [_stage_pass(graph, plan, costs, threshold) for graph, plan, costs in stages]
     maps = [p.output_map for p in passes]
     fmap = maps[-1]
     keeps_graph = [p.tiles == 1 for p in passes]
@@ -211,20 +273,29 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
         held = sum(maps[:k]) + sum(held_graphs[:k]) + 2 * fmap + grads
         peak = max(peak, held + passes[k].tile_backward)
 
+    # Fresh memory: every output once per pass and its gradient once (a streamed stage's tiles
+    # run twice), each stitched map and its gradient; the whole image: outputs and gradients.
+    fresh = sum(p.tile_fresh * (2 if keep else 3) + (2 * p.output_map if p.output_map >= threshold else 0.0)
+                for p, keep in zip(passes, keeps_graph)) * bytes_per_value
+    whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
     whole_work = sum(p.whole_work for p in passes)
     work = sum(p.tile_work for p in passes)
     time = sum(p.tile_work * (3 if keep else 4) for p, keep in zip(passes, keeps_graph))
+    time += time_model.fresh_memory_cost * fresh
+    whole_time = 3 * whole_work + time_model.fresh_memory_cost * whole_fresh
     whole = fmap + max(sum(p.whole_saved for p in passes[:k]) + passes[k].whole_backward
                        for k in range(len(passes)))
     return StepEstimate(
         tiles=sum(p.tiles for p in passes),
         recompute_factor=work / max(1, whole_work),
-        relative_time=time / max(1, 3 * whole_work),
+        relative_time=time / max(1, whole_time),
         peak_bytes=int(batch_size * peak * bytes_per_value + 2 * params),
         whole_image_bytes=int(batch_size * whole * bytes_per_value + params),
         feature_map_bytes=int(batch_size * fmap * bytes_per_value),
-        stage_map_bytes=int(batch_size * sum(maps[:-1]) * bytes_per_value))
+        stage_map_bytes=int(batch_size * sum(maps[:-1]) * bytes_per_value),
+        fresh_bytes=int(batch_size * fresh),
+        whole_image_fresh_bytes=int(batch_size * whole_fresh))
 
 
 def _exact_lengths(graph: TrunkGraph, spans: tuple, axis: int, full: list[tuple[int, int]],

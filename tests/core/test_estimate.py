@@ -6,7 +6,7 @@ import torch
 from torch import nn
 from torchvision import models
 
-from lightstream import StreamingCNN
+from lightstream import StreamingCNN, TimeModel
 from lightstream.core.estimate import layer_costs
 from lightstream.core.graph import TrunkGraph
 
@@ -68,6 +68,42 @@ def test_the_estimate_and_the_automatic_stages_work_for_a_trunk_off_the_cpu() ->
     shape = (1, 3, 2048, 2048)
     on_cpu, on_meta = StreamingCNN(trunk(), tile_size=512), StreamingCNN(trunk().to("meta"), tile_size=512)
     assert [p.stage.name for p in on_meta.stage_plans(shape)] == [p.stage.name for p in on_cpu.stage_plans(shape)]
-    cpu, meta = on_cpu.estimate(shape), on_meta.estimate(shape)
+    cpu, meta = (engine.estimate(shape, time_model=TimeModel.for_device(torch.device("cpu")))
+                 for engine in (on_cpu, on_meta))
     assert meta.tiles == cpu.tiles == 46 and meta.relative_time == cpu.relative_time
     assert abs(meta.peak_bytes / cpu.peak_bytes - 1) < 0.01
+
+
+def test_fresh_memory_counts_each_output_past_the_threshold_once_per_pass() -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    scnn = StreamingCNN(trunk, tile_size=32, stages=None)
+    output_bytes = 8 * 64 * 64 * 4  # each step's output over the whole 64² image
+    model = TimeModel(fresh_memory_cost=10.0, fresh_memory_threshold=output_bytes)
+    estimate = scnn.estimate((1, 3, 64, 64), time_model=model)
+    # whole image: three outputs past the threshold, each allocated in the forward and as a
+    # gradient in the backward; 32-px tiles: none, only the stitched map and its gradient
+    assert estimate.whole_image_fresh_bytes == 2 * 3 * output_bytes
+    assert estimate.fresh_bytes == 2 * output_bytes
+    whole_macs = (8 * 3 * 9 + 8 + 8 * 8 * 9) * 64 * 64  # conv, relu (one per value), conv
+    streamed_macs = estimate.recompute_factor * whole_macs
+    expected = (4 * streamed_macs + 10.0 * estimate.fresh_bytes) / (3 * whole_macs + 10.0 * estimate.whole_image_fresh_bytes)
+    assert abs(estimate.relative_time - expected) <= 1e-12
+    multiply_adds = scnn.estimate((1, 3, 64, 64), time_model=TimeModel())
+    assert abs(multiply_adds.relative_time - 4 * estimate.recompute_factor / 3) <= 1e-12
+
+
+def test_on_the_cpu_the_whole_images_fresh_memory_makes_1024_px_tiles_cheaper_than_their_multiply_adds() -> None:
+    # ResNet-18 at 2048²: every activation of the whole image is past glibc's 32 MiB mmap
+    # threshold; a 1024-px tile's are not (measured: 0.93x the whole-image step, README)
+    trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
+    scnn = StreamingCNN(trunk, tile_size=1024)
+    on_cpu = scnn.estimate((1, 3, 2048, 2048))
+    multiply_adds = scnn.estimate((1, 3, 2048, 2048), time_model=TimeModel())
+    assert on_cpu.fresh_bytes < 0.2 * 2**30 < 4 * 2**30 < on_cpu.whole_image_fresh_bytes
+    assert on_cpu.relative_time < 0.85 < 1.2 < multiply_adds.relative_time
+    assert on_cpu.peak_bytes == multiply_adds.peak_bytes
+
+
+def test_only_the_cpu_charges_for_fresh_memory() -> None:
+    assert TimeModel.for_device(torch.device("cpu")).fresh_memory_cost > 0
+    assert TimeModel.for_device(torch.device("cuda")) == TimeModel.for_device(torch.device("meta")) == TimeModel()
