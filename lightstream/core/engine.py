@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from .errors import StreamingError, TileTooSmallError
 from .estimate import StepEstimate, TimeModel, estimate_step
 from .geometry import Geometry, Tile, TilePlan, as_pair
-from .graph import TrunkGraph, module_device, parameter_dtype
+from .graph import TrunkGraph, crop_to, module_device, parameter_dtype
 from .source import ImageSource, TensorSource, as_source
 from .stages import (Stage, StagePlan, candidate_cuts, default_stage_memory, split_stages, stage_costs,
                      stage_tile_size, tile_values)
@@ -367,7 +367,7 @@ class StreamingCNN(nn.Module):
         if rows[0] > want.top or rows[1] < want.bottom or cols[0] > want.left or cols[1] < want.right:
             raise StreamingError(f"internal error: tile {tile.index} computed rows {rows} cols {cols} "
                                  f"but owns {want}; please report this trunk")
-        return y[:, :, want.top - rows[0]:want.bottom - rows[0], want.left - cols[0]:want.right - cols[0]]
+        return crop_to(y, (rows, cols), ((want.top, want.bottom), (want.left, want.right)))
 
     def _prepare(self, x: torch.Tensor, first: bool, requires_grad: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:

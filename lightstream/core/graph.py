@@ -28,7 +28,7 @@ from torch import nn
 from .errors import UnsupportedLayerError
 from .window import Window
 
-__all__ = ["TrunkGraph", "Step", "Span", "module_device", "parameter_dtype"]
+__all__ = ["TrunkGraph", "Step", "Span", "crop_to", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
@@ -492,7 +492,7 @@ class TrunkGraph:
         if len(step.inputs) > 1:
             box = tuple((max(spans[i][a][0] for i in step.inputs),
                          min(spans[i][a][1] for i in step.inputs)) for a in range(2))  # type: ignore[assignment]
-        cropped = {i: _crop(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
+        cropped = {i: crop_to(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
 
         def value(n: fx.Node) -> Any:
             i = self._index[n]
@@ -515,13 +515,13 @@ class TrunkGraph:
             pads.append(start - t0)
             first.append(out_lo - t0 // window.stride)
             out_box.append((out_lo, out_hi))
-        x = x.narrow(2, *starts[0]).narrow(3, *starts[1])
+        x = _narrow(_narrow(x, 2, *starts[0]), 3, *starts[1])
         if pads[0] or pads[1]:
             x = F.pad(x, (pads[1], 0, pads[0], 0))
         source = step.node.args[0]
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
-        y = y.narrow(2, first[0], out_box[0][1] - out_box[0][0])
-        y = y.narrow(3, first[1], out_box[1][1] - out_box[1][0])
+        y = _narrow(y, 2, first[0], out_box[0][1] - out_box[0][0])
+        y = _narrow(y, 3, first[1], out_box[1][1] - out_box[1][0])
         return y, (out_box[0], out_box[1])
 
 
@@ -540,13 +540,21 @@ def _pair_list(shape: Any) -> list[int]:
     return list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
 
 
-def _crop(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int]
-          ) -> torch.Tensor:
+def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)
+            ) -> torch.Tensor:
+    """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (a view)."""
     for axis in range(2):
-        (lo, hi), (wlo, whi) = have[axis], want[axis]
-        if (lo, hi) != (wlo, whi):
-            x = x.narrow(dims[axis], wlo - lo, whi - wlo)
+        (lo, _), (wlo, whi) = have[axis], want[axis]
+        x = _narrow(x, dims[axis], wlo - lo, whi - wlo)
     return x
+
+
+def _narrow(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
+    """``x.narrow`` that returns ``x`` itself when the range is the whole axis: autograd records
+    a slice even then, and its backward writes a zero-filled copy of the whole tensor."""
+    if start == 0 and length == x.shape[dim]:
+        return x
+    return x.narrow(dim, start, length)
 
 
 def module_device(module: nn.Module) -> torch.device:
