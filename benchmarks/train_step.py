@@ -13,9 +13,9 @@ estimate's CPU time model charges for it).
 
 Memory: each configuration runs once more in a fresh process, which reports its peak (process
 RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to
-what the process held before it (model, image, imported libraries). On the CPU it runs twice: with the
-default allocator (the RSS a user sees: glibc keeps freed heap pages, often +40-80 % over the
-tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so
+what the process held before it (model, image, imported libraries). On the CPU it runs twice:
+with the default allocator (the RSS a user sees: glibc keeps freed heap pages, often +40-80 %
+over the tensors alive), and with glibc's mmap threshold fixed at 64 KiB (``MALLOC_MMAP_THRESHOLD_``) so
 that every freed tensor returns to the system at once and the RSS tracks the tensors alive: the
 CPU's counterpart of ``max_memory_allocated``, and what the estimate from the geometry
 (``StreamingCNN.estimate``) predicts. That run, and the GPU's, measure a second step (the first

@@ -369,32 +369,35 @@ class StreamingCNN(nn.Module):
                                  f"but owns {want}; please report this trunk")
         return crop_to(y, (rows, cols), ((want.top, want.bottom), (want.left, want.right)))
 
+    def prepare_input(self, image: torch.Tensor) -> torch.Tensor:
+        """``image`` as the trunk's first layer sees it: on the trunk's device, cast to its dtype
+        when it is an integer image, normalised by ``mean`` and ``std`` (as every tile is)."""
+        return self._normalise(self._on_device(image))
+
     def _prepare(self, x: torch.Tensor, first: bool, requires_grad: bool = False
                  ) -> tuple[torch.Tensor, torch.Tensor]:
         """Move a raw tile to the device; for the image also cast and normalise it.
 
         Returns ``(leaf, prepared)``: the leaf is what the input gradient is taken against.
         """
-        x = x.to(self.device, non_blocking=True)
-        if not x.is_floating_point():
-            x = x.to(parameter_dtype(self.stream_module))
-        leaf = x.detach().requires_grad_() if requires_grad else x
-        x = leaf
-        if first:
-            mean, std = self._normalisation(x.device, x.dtype)
-            x = x if mean is None else x - mean
-            x = x if std is None else x / std
-        return leaf, x
+        leaf = self._on_device(x)
+        leaf = leaf.detach().requires_grad_() if requires_grad else leaf
+        return leaf, self._normalise(leaf) if first else leaf
 
-    def _normalisation(self, device: torch.device, dtype: torch.dtype
-                       ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
-        """``mean`` and ``std`` as ``[1, C, 1, 1]`` on the tiles' device, copied there once: a copy
+    def _on_device(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x if x.is_floating_point() else x.to(parameter_dtype(self.stream_module))
+
+    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
+        """``x`` normalised by ``mean`` and ``std``, which are copied to its device once: a copy
         from host memory per tile would make the CPU wait for the GPU at every tile."""
-        key = (device, dtype)
+        key = (x.device, x.dtype)
         if key not in self._normalisers:
             self._normalisers[key] = tuple(  # type: ignore[assignment]
-                v.to(device, dtype).view(1, -1, 1, 1) if v.numel() else None for v in (self.mean, self.std))
-        return self._normalisers[key]
+                v.to(x.device, x.dtype).view(1, -1, 1, 1) if v.numel() else None for v in (self.mean, self.std))
+        mean, std = self._normalisers[key]
+        x = x if mean is None else x - mean
+        return x if std is None else x / std
 
     def _load_tiles(self, source: ImageSource, plan: TilePlan, what: str) -> Iterator[tuple[Tile, torch.Tensor]]:
         tiles = plan.tiles

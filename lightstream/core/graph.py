@@ -15,6 +15,7 @@ missing neighbour, which is what makes the streamed backward exact without any b
 
 from __future__ import annotations
 
+import itertools
 import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -559,7 +560,7 @@ def _narrow(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
 
 def module_device(module: nn.Module) -> torch.device:
     """Where a module's parameters (or, without any, its buffers) live; the CPU for neither."""
-    return next((t.device for t in (*module.parameters(), *module.buffers())), torch.device("cpu"))
+    return next((t.device for t in itertools.chain(module.parameters(), module.buffers())), torch.device("cpu"))
 
 
 def parameter_dtype(module: nn.Module) -> torch.dtype:

@@ -269,18 +269,10 @@ class StreamingModule(L.LightningModule):
 
     def _whole_image(self, x: Tensor | ImageSource) -> Tensor:
         """The image on the trunk's device, cast and normalised as the engine does per tile."""
-        engine = self.stream_network
         if not isinstance(x, Tensor):
             source = as_source(x)
             x = source.read(slice(0, source.shape[2]), slice(0, source.shape[3]))
-        x = x.to(engine.device, non_blocking=True)
-        if not x.is_floating_point():
-            x = x.to(parameter_dtype(self.stream_network.stream_module))
-        if engine.mean.numel():
-            x = x - engine.mean.to(x.dtype).view(1, -1, 1, 1)
-        if engine.std.numel():
-            x = x / engine.std.to(x.dtype).view(1, -1, 1, 1)
-        return x
+        return self.stream_network.prepare_input(x)
 
     def _warn_if_backward_pending(self) -> None:
         if self._awaiting_backward is not None:
