@@ -151,7 +151,8 @@ class LabelMask:
         try:
             decoded = self._page.decode(data, index, jpegtables=self._page.jpegtables)[0]
         except Exception as exc:
-            raise UnsupportedSlideError(self.path, f"cannot decode tile {index} of label mask {self.path}: {exc}") from exc
+            message = f"cannot decode tile {index} of label mask {self.path}: {exc}"
+            raise UnsupportedSlideError(self.path, message) from exc
         segment = None if decoded is None else decoded.reshape(decoded.shape[-3], decoded.shape[-2])
         if segment is not None and segment.dtype == np.bool_:
             segment = segment.view(np.uint8)
@@ -189,7 +190,8 @@ class LabelMask:
 
     def __repr__(self) -> str:
         height, width = self._target_shape
-        return f"LabelMask('{self.path}', grid {width}x{height}, read from level {self.level} {self.level_shapes[self.level]})"
+        mask_height, mask_width = self.level_shapes[self.level]
+        return f"LabelMask('{self.path}', grid {width}x{height}, read from level {self.level} ({mask_width}x{mask_height}))"
 
 
 def open_label_mask(path: str | Path, slide: Slide) -> LabelMask:
@@ -222,7 +224,8 @@ def _open_tiff(path: Path) -> tifffile.TiffFile:
         raise UnsupportedSlideError(
             path,
             f"cannot read label mask {path}: {exc}. Label masks are read lazily from TIFF files; write one with "
-            "lightstream.data.SegmentationWriter or tifffile.imwrite(path, labels, tile=(256, 256), compression='zlib')",
+            "lightstream.data.SegmentationWriter or "
+            "tifffile.imwrite(path, labels, tile=(256, 256), compression='zlib')",
         ) from exc
 
 

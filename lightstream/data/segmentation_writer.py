@@ -100,7 +100,7 @@ class SegmentationWriter:
         self._closed = False
 
     def write(self, rows: slice, cols: slice, labels: np.ndarray | torch.Tensor) -> None:
-        """Write ``labels`` (integer class indices, ``[h, w]``, or ``[1, h, w]`` / ``[1, 1, h, w]``) at ``[rows, cols]``."""
+        """Write ``labels`` (integer class indices ``[h, w]``, ``[1, h, w]`` or ``[1, 1, h, w]``) at ``[rows, cols]``."""
         if self._closed:
             raise ValueError(f"segmentation writer for {self.path} is closed")
         block = _as_label_block(labels, self.path)

@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import tifffile
@@ -151,29 +151,16 @@ def write_synthetic_slide(
         }
     )
     with ThreadPoolExecutor(workers) as pool:
-        write_tiff_pyramid(
-            path,
-            level_shapes,
-            _rendered_levels(pool, renderer.render, level_shapes, tile, workers),
-            tile=tile,
-            samples=3,
-            dtype=np.uint8,
-            compression=compression,
-            compressionargs={"level": quality} if compression == "jpeg" else None,
-            mpp=mpp,
-            description=description,
-        )
+
+        def write(output: Path, render: Callable[[int, int, int, int, int], np.ndarray], **options: Any) -> None:
+            tiles = _rendered_levels(pool, render, level_shapes, tile, workers)
+            write_tiff_pyramid(output, level_shapes, tiles, tile=tile, dtype=np.uint8, mpp=mpp, **options)
+
+        compressionargs = {"level": quality} if compression == "jpeg" else None
+        write(path, renderer.render, samples=3, compression=compression, compressionargs=compressionargs,
+              description=description)
         if mask_path is not None:
-            write_tiff_pyramid(
-                mask_path,
-                level_shapes,
-                _rendered_levels(pool, renderer.lesion_labels, level_shapes, tile, workers),
-                tile=tile,
-                samples=1,
-                dtype=np.uint8,
-                compression="zlib",
-                mpp=mpp,
-            )
+            write(mask_path, renderer.lesion_labels, samples=1, compression="zlib")
     logger.info("wrote %s: %dx%d px, %d levels, %d lesions", path, width, height, len(level_shapes), lesions)
     return SyntheticSlide(path, (height, width), mpp, tuple(level_shapes), renderer.lesions, seed, mask_path)
 

@@ -137,7 +137,10 @@ def test_mask_read_at_each_slide_level_equals_nearest_neighbour_resampling_of_th
         with open_slide(masked_slide.path, level=level) as slide, open_label_mask(path, slide) as mask:
             assert len(mask.level_shapes) == mask_levels
             nearest = F.interpolate(torch.from_numpy(full)[None, None].float(), size=slide.shape[2:], mode="nearest")
-            np.testing.assert_array_equal(_whole(mask)[0, 0].numpy(), nearest[0, 0].to(torch.uint8).numpy())
+            expected = nearest[0, 0].to(torch.uint8).numpy()
+            np.testing.assert_array_equal(_whole(mask)[0, 0].numpy(), expected)
+            for rows, cols in _tiles(*slide.shape[2:], (200, 300)):
+                np.testing.assert_array_equal(mask.read(rows, cols)[0, 0].numpy(), expected[rows, cols])
             # the coarsest mask level at least as fine as the slide level (else the finest)
             assert mask.level == (min(level, mask_levels - 1) if scale == 1 else max(0, level - 2))
 
@@ -299,7 +302,9 @@ def test_a_segmentation_dataset_needs_a_label_mask_for_every_slide(masked_slide:
         SegmentationSlideDataset([SlideRecord(masked_slide.path, 1)])
 
 
-def test_segmentation_written_for_a_slide_reopens_as_its_label_mask(masked_slide: SyntheticSlide, tmp_path: Path) -> None:
+def test_segmentation_written_for_a_slide_reopens_as_its_label_mask(
+    masked_slide: SyntheticSlide, tmp_path: Path
+) -> None:
     with open_slide(masked_slide.path, level=1) as slide:
         expected = _inside_lesions(masked_slide, slide.shape[2:], 2)
         with SegmentationWriter(tmp_path / "prediction.tif", slide.shape[2:], mpp=slide.mpp) as writer:

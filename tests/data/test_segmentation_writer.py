@@ -34,9 +34,8 @@ def _blocks_in_random_order(labels: np.ndarray, size: tuple[int, int], seed: int
 def test_openslide_reads_the_map_exactly_at_level_0_and_every_level_is_nearest_downsampling(tmp_path: Path) -> None:
     labels = _labels((700, 900))  # not a multiple of the tile: edge tiles and odd level sizes
     blocks = _blocks_in_random_order(labels, (130, 110))  # blocks straddle tiles, arrive in any order
-    path = write_segmentation(
-        tmp_path / "seg.tif", ((rows, cols, labels[rows, cols]) for rows, cols in blocks), labels.shape, tile=64, mpp=0.5
-    )
+    blocks_of_labels = ((rows, cols, labels[rows, cols]) for rows, cols in blocks)
+    path = write_segmentation(tmp_path / "seg.tif", blocks_of_labels, labels.shape, tile=64, mpp=0.5)
     shapes = label_pyramid_shapes(700, 900, 64)
     assert shapes == [(700, 900), (350, 450), (175, 225), (88, 113), (44, 57)]
     with openslide.OpenSlide(path) as raw:
