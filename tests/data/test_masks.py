@@ -79,7 +79,7 @@ def test_lesion_mask_tiles_mark_exactly_the_pixels_inside_the_lesions_at_every_l
 ) -> None:
     with open_slide(masked_slide.path, level=level) as slide, open_label_mask(masked_slide.mask_path, slide) as mask:
         height, width = slide.shape[2:]
-        assert mask.shape == (1, 1, height, width)
+        assert isinstance(mask, ImageSource) and mask.shape == (1, 1, height, width)
         expected = _inside_lesions(masked_slide, (height, width), 2**level)
         assert expected.sum() > 100
         for rows, cols in _tiles(height, width, (200, 300)):  # tiles that straddle the TIFF's 256-px tiles
@@ -152,6 +152,14 @@ def test_wider_integer_masks_keep_their_values(masked_slide: SyntheticSlide, tmp
     with open_slide(masked_slide.path, level=2) as slide, open_label_mask(path, slide) as mask:
         assert mask.dtype == torch.int64
         np.testing.assert_array_equal(_whole(mask)[0, 0].numpy(), labels)
+
+
+def test_one_bit_masks_read_as_0_and_1(masked_slide: SyntheticSlide, tmp_path: Path) -> None:
+    labels = _random_labels((256, 384), seed=2) > 1
+    tifffile.imwrite(tmp_path / "bits.tif", labels, tile=(64, 64))  # a bilevel TIFF
+    with open_slide(masked_slide.path, level=2) as slide, open_label_mask(tmp_path / "bits.tif", slide) as mask:
+        assert mask.dtype == torch.uint8
+        np.testing.assert_array_equal(_whole(mask)[0, 0].numpy(), labels.astype(np.uint8))
 
 
 def test_a_striped_tiff_reads_like_a_tiled_one(masked_slide: SyntheticSlide, tmp_path: Path) -> None:
