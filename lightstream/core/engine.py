@@ -18,22 +18,20 @@ from typing import Any
 import torch
 from torch import nn
 
-from .checks import channel_vector, image_shape, input_channels, stage_memory_setting, stage_policy, tile_pair
+from . import checks
+from .checks import channel_vector, input_channels, stage_memory_setting, stage_policy, tile_pair
 from .errors import TileTooSmallError
 from .estimate import StepEstimate, TimeModel, estimate_step
 from .execution import Executor
 from .geometry import Geometry, TilePlan
 from .graph import module_device, parameter_dtype
-from .inputs import Autocast, Normaliser, TilePreparer
+from .inputs import Autocast, Normaliser, NormaliserCache, TilePreparer
 from .planner import Planner, PlanRequest, StreamPlan, TraceCache
 from .record import ForwardRecord, StaleForwardError
 from .source import ImageSource, as_source
 from .stages import StagePlan, default_stage_memory
 
 __all__ = ["StreamingCNN"]
-
-_NORMALISERS_KEPT = 4  # (device, dtype, mean/std version) combinations kept per engine
-
 
 class StreamingCNN(nn.Module):
     """Run a convolutional trunk over images far larger than memory, tile by tile, exactly.
@@ -103,7 +101,7 @@ class StreamingCNN(nn.Module):
         self.register_buffer("mean", channel_vector(mean, "mean", channels), persistent=False)
         self.register_buffer("std", channel_vector(std, "std", channels, nonzero=True), persistent=False)
         self._traces = TraceCache(stream_module)
-        self._normalisers: dict[tuple, Normaliser] = {}
+        self._normalisers = NormaliserCache()
         self._record: ForwardRecord | None = None
         self.tile_size = tile_pair(tile_shape, "tile_shape") if tile_shape is not None else tile_size  # type: ignore[assignment]
 
@@ -136,7 +134,7 @@ class StreamingCNN(nn.Module):
         shape = tuple(int(v) for v in image_shape)
         if len(shape) == 2:
             shape = (1, input_channels(self.stream_module) or 3, *shape)
-        batch, channels, *size = image_shape_checked(shape, self.stream_module)
+        batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, self.stages,  # type: ignore[arg-type]
                               self.stage_memory_bytes)
@@ -160,7 +158,7 @@ class StreamingCNN(nn.Module):
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"estimate: dtype must be a floating-point torch.dtype, not {dtype!r}")
-        plan = self.stream_plan(image_shape_checked(image_shape, self.stream_module), dtype)
+        plan = self.stream_plan(checks.image_shape(image_shape, input_channels(self.stream_module)), dtype)
         costs = self.planner.costs([p.stage for p in plan.stages], plan.request.channels)
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plan.stages, costs)],
                              plan.request.batch, plan.request.itemsize,
@@ -191,19 +189,9 @@ class StreamingCNN(nn.Module):
     def _preparer(self, normaliser: Normaliser | None = None) -> TilePreparer:
         device = self.device
         dtype = next((p.dtype for p in self.stream_module.parameters() if p.is_floating_point()), None)
-        return TilePreparer(device, dtype, normaliser or self._normaliser(device, dtype or torch.get_default_dtype()))
-
-    def _normaliser(self, device: torch.device, dtype: torch.dtype) -> Normaliser:
-        """``mean``/``std`` on ``device`` in ``dtype``, rebuilt when the user changed them."""
-        key = (device, dtype, id(self.mean), self.mean._version, id(self.std), self.std._version)
-        if key not in self._normalisers:
-            channels = input_channels(self.stream_module)
-            mean = channel_vector(self.mean, "mean", channels)
-            std = channel_vector(self.std, "std", channels, nonzero=True)
-            if len(self._normalisers) >= _NORMALISERS_KEPT:
-                self._normalisers.pop(next(iter(self._normalisers)))
-            self._normalisers[key] = Normaliser.of(mean, std, device, dtype)
-        return self._normalisers[key]
+        normaliser = normaliser or self._normalisers.get(self.mean, self.std, input_channels(self.stream_module),
+                                                         device, dtype or torch.get_default_dtype())
+        return TilePreparer(device, dtype, normaliser)
 
     # ------------------------------------------------------------------ forward
     def forward(self, image: torch.Tensor | ImageSource) -> torch.Tensor:
@@ -277,11 +265,6 @@ class StreamingCNN(nn.Module):
         executor = Executor(self._preparer(record.normaliser), self.progress)
         return executor.backward(record.plan, as_source(image), grad, kept, params, want_image_grad,
                                  record.autocast)
-
-
-def image_shape_checked(shape: Sequence[int], trunk: nn.Module) -> tuple[int, int, int, int]:
-    """``shape`` as a valid ``(B, C, H, W)`` for ``trunk`` (see :func:`~lightstream.core.checks.image_shape`)."""
-    return image_shape(shape, input_channels(trunk))
 
 
 class _StreamedTrunk(torch.autograd.Function):

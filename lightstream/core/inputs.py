@@ -6,9 +6,9 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import tile_dtype
+from .checks import channel_vector, tile_dtype
 
-__all__ = ["Autocast", "Normaliser", "TilePreparer"]
+__all__ = ["Autocast", "Normaliser", "NormaliserCache", "TilePreparer"]
 
 
 @dataclass(frozen=True)
@@ -47,6 +47,28 @@ class Normaliser:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x = x if self.mean is None else x - self.mean
         return x if self.std is None else x / self.std
+
+
+class NormaliserCache:
+    """The :class:`Normaliser` of the user's ``mean``/``std`` per device and dtype.
+
+    Keyed by the vectors' identity and version counters too, so a user who changes or replaces
+    them gets a new one (checked against the trunk's channels again) on the next call.
+    """
+
+    def __init__(self, kept: int = 4) -> None:
+        self.kept = kept
+        self._normalisers: dict[tuple, Normaliser] = {}
+
+    def get(self, mean: torch.Tensor, std: torch.Tensor, channels: int | None, device: torch.device,
+            dtype: torch.dtype) -> Normaliser:
+        key = (device, dtype, id(mean), mean._version, id(std), std._version)
+        if key not in self._normalisers:
+            checked = channel_vector(mean, "mean", channels), channel_vector(std, "std", channels, nonzero=True)
+            if len(self._normalisers) >= self.kept:
+                self._normalisers.pop(next(iter(self._normalisers)))
+            self._normalisers[key] = Normaliser.of(*checked, device, dtype)
+        return self._normalisers[key]
 
 
 @dataclass(frozen=True)

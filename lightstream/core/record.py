@@ -34,7 +34,8 @@ class StaleForwardError(StreamingError, RuntimeError):
 
 
 def _version(value: Any) -> int:
-    return value._version if isinstance(value, torch.Tensor) else 0
+    """A tensor's in-place version counter (inference tensors and lazy sources have none)."""
+    return value._version if isinstance(value, torch.Tensor) and not value.is_inference() else 0
 
 
 @dataclass

@@ -124,7 +124,6 @@ class StreamingModule(L.LightningModule):
             stream_network.requires_grad_(False)
             logger.info("train_streaming_layers=False: the streamed trunk's parameters are frozen")
         _freeze_batch_norm(stream_network)  # before the engine traces the trunk
-        self._engine_options = kwargs
         self.stream_network = StreamingCNN(stream_network, tile_size=tile_size, **kwargs)
         self._streaming_hooks_enabled = True
         self._awaiting_backward: tuple[Tensor | ImageSource, Tensor] | None = None
@@ -133,21 +132,19 @@ class StreamingModule(L.LightningModule):
     # ------------------------------------------------------------------ configuration
     @property
     def tile_size(self) -> tuple[int, int]:
-        """Tile ``(height, width)`` in image pixels.
+        """Tile ``(height, width)`` in image pixels: the engine's :attr:`StreamingCNN.tile_size`.
 
-        Setting it rebuilds the streaming engine around the same trunk (same parameters, so
-        optimisers stay valid) with the options it was constructed with: plans are made
-        afresh, a tile smaller than the receptive field raises
-        :class:`~lightstream.TileTooSmallError`, and the tile cache is re-checked.
+        Setting it sets the engine's (one meaning everywhere: the engine, this module and the
+        tile tuner re-plan the same way): a tile smaller than the receptive field raises
+        :class:`~lightstream.TileTooSmallError` and changes nothing; the tile cache is re-checked.
         """
         return self.stream_network.tile_size
 
     @tile_size.setter
     def tile_size(self, new_tile_size: int | tuple[int, int]) -> None:
-        old = self.stream_network
-        self.stream_network = StreamingCNN(old.stream_module, tile_size=new_tile_size, **self._engine_options)
-        self.stream_network.to(old.mean.device)
-        logger.info("tile size changed from %s to %s", old.tile_size, self.stream_network.tile_size)
+        old = self.stream_network.tile_size
+        self.stream_network.tile_size = new_tile_size
+        logger.info("tile size changed from %s to %s", old, self.stream_network.tile_size)
         self._sync_tile_cache()
 
     @property

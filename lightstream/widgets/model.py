@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
+from lightstream.core.checks import tile_pair
 from lightstream.core.estimate import StepEstimate
 from lightstream.core.memory import peak_rss, reset_peak_rss
 from lightstream.core.stages import StagePlan
@@ -151,10 +152,10 @@ class TileTunerModel:
 
     @tile_size.setter
     def tile_size(self, value: int) -> None:
-        self._tile_size = int(value)
-        self.engine.tile_size = (self._tile_size, self._tile_size)
+        self._tile_size = _square(value)
         self.plan, self.stage_plans, self.estimate, self.warning = None, [], None, None
         try:
+            self.engine.tile_size = (self._tile_size, self._tile_size)
             self.stage_plans = self.engine.stage_plans(self.image_shape)
             self.plan = self.stage_plans[0].plan
             self.estimate = self.engine.estimate(self.image_shape)
@@ -216,6 +217,14 @@ class TileTunerModel:
         if isinstance(image, ImageSource):
             return image
         return torch.rand(self.image_shape)
+
+
+def _square(value: int | Sequence[int]) -> int:
+    """The side of a square tile given as ``side`` or ``(side, side)`` (positive integers only)."""
+    height, width = tile_pair(value)
+    if height != width:
+        raise ValueError(f"the tuner tunes square tiles; got {height}x{width}")
+    return height
 
 
 def stage_profiles(stage_plans: Sequence[StagePlan]) -> list[list[LayerProfile]]:
