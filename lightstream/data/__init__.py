@@ -8,6 +8,7 @@
 """
 
 from lightstream.data.dataset import (
+    SPLITS,
     Augmentation,
     SlideDataset,
     SlideRecord,
@@ -22,6 +23,7 @@ from lightstream.data.errors import (
     SlideError,
     SlideLevelError,
     SlideNotFoundError,
+    SlideTableError,
     UnsupportedSlideError,
 )
 from lightstream.data.geometry import (
@@ -47,6 +49,7 @@ from lightstream.data.views import (
 )
 
 __all__ = [
+    "SPLITS",
     "Augmentation",
     "Box",
     "ColorJitter",
@@ -63,6 +66,7 @@ __all__ = [
     "SlideLevelError",
     "SlideNotFoundError",
     "SlideRecord",
+    "SlideTableError",
     "SlideSample",
     "SyntheticSlide",
     "TissueMask",

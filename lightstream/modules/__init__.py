@@ -1,9 +1,11 @@
 """Lightning layer: the StreamingModule (the reference API) and ready task templates."""
 
 from .classifier import ImageClassifier
+from .heads import PooledLinearHead, SlideOutput
 from .inference import SlidePrediction, predict_slide
+from .mil import AttentionMIL, GatedAttentionMIL, MILOutput
 from .streaming import StreamingModule
 from .tile_cache import TileCache, interior_tile_stride
 
-__all__ = ["ImageClassifier", "SlidePrediction", "StreamingModule", "TileCache", "interior_tile_stride",
-           "predict_slide"]
+__all__ = ["AttentionMIL", "GatedAttentionMIL", "ImageClassifier", "MILOutput", "PooledLinearHead", "SlideOutput",
+           "SlidePrediction", "StreamingModule", "TileCache", "interior_tile_stride", "predict_slide"]
