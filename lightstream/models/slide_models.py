@@ -2,7 +2,8 @@
 
 :class:`SlideClassifier` pools the streamed feature map globally; :class:`SlideAttentionMIL`
 weighs its cells by gated attention. Both take ``uint8`` RGB slides (the backbone's
-normalisation is built in), log ``{stage}_loss``, ``{stage}_auc`` and ``{stage}_acc``, and
+normalisation is built in), log ``{stage}_loss`` and, for validation and test, ``{stage}_auc`` and
+``{stage}_acc`` (a training step sees one slide, whose AUC means nothing), and
 predict a :class:`~lightstream.modules.SlideOutput` with a heatmap for every slide.
 """
 
@@ -64,6 +65,7 @@ class SlideClassifier(ImageClassifier):
         super().__init__(built.trunk, PooledLinearHead(built.channels, num_classes, pooling), tile_size, None,
                          train_streaming_layers, _slide_metrics(num_classes), lr=lr,
                          **_engine_options(built, stages, stage_memory, tile_cache_dir, progress))
+        self.train_metrics = None
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> SlideOutput:
         """Logits and the predicted class's score map of a batch."""
@@ -97,3 +99,4 @@ class SlideAttentionMIL(AttentionMIL):
                          dropout=dropout, instance_classifier=instance_classifier, instance_k=instance_k,
                          instance_loss_weight=instance_loss_weight, lr=lr,
                          **_engine_options(built, stages, stage_memory, tile_cache_dir, progress))
+        self.train_metrics = None
