@@ -17,18 +17,23 @@ def _table(folder: Path, text: str, slides: tuple[str, ...] = ("a.tif", "b.tif",
     return table
 
 
-def test_every_bad_row_is_named_with_its_line_and_reason(tmp_path: Path) -> None:
-    table = _table(tmp_path, "path,label\na.tif,1\nmissing.tif,0\nb.tif,\nc.tif,nan\na.tif,0\n")
+def _problems(table: Path) -> SlideTableError:
     with pytest.raises(SlideTableError) as raised:
         read_slide_table(table)
-    assert raised.value.problems == [
+    return raised.value
+
+
+def test_every_bad_row_is_named_with_its_line_and_reason(tmp_path: Path) -> None:
+    table = _table(tmp_path, "path,label\na.tif,1\nmissing.tif,0\nb.tif,\nc.tif,nan\na.tif,0\n")
+    error = _problems(table)
+    assert error.problems == [
         f"line 3: slide file not found: {tmp_path / 'missing.tif'}",
         "line 4: the label is empty",
         "line 5: label 'nan' is not a finite number",
         "line 6: slide 'a.tif' is listed twice (also on line 2)",
     ]
-    assert str(raised.value).startswith(f"slide table {table} has 4 bad row(s)")
-    assert f"{table}, line 3: slide file not found" in str(raised.value)
+    assert str(error).startswith(f"slide table {table} has 4 bad row(s)")
+    assert f"{table}, line 3: slide file not found" in str(error)
 
 
 def test_class_names_map_to_indices_and_unknown_names_are_rejected(tmp_path: Path) -> None:
@@ -41,9 +46,7 @@ def test_class_names_map_to_indices_and_unknown_names_are_rejected(tmp_path: Pat
 
 def test_a_missing_mask_and_an_unknown_split_are_rejected(tmp_path: Path) -> None:
     table = _table(tmp_path, "path,label,mask,split\na.tif,1,a_mask.tif,train\nb.tif,0,,validation\n")
-    with pytest.raises(SlideTableError) as raised:
-        read_slide_table(table)
-    assert raised.value.problems == [
+    assert _problems(table).problems == [
         f"line 2: mask file not found: {tmp_path / 'a_mask.tif'}",
         "line 3: split 'validation' is not one of train, val, test (or empty)",
     ]
