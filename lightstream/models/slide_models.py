@@ -16,7 +16,6 @@ from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassAccuracy, MulticlassAUROC
 
 from ..modules import AttentionMIL, ImageClassifier, PooledLinearHead, SlideOutput
-from ..modules.classifier import _image_and_target
 from .backbone import Backbone, build_backbone
 
 __all__ = ["SlideAttentionMIL", "SlideClassifier"]
@@ -63,14 +62,13 @@ class SlideClassifier(ImageClassifier):
                  tile_cache_dir: str | None = None, progress: bool = False) -> None:
         built = build_backbone(backbone, weights)
         super().__init__(built.trunk, PooledLinearHead(built.channels, num_classes, pooling), tile_size, None,
-                         train_streaming_layers, _slide_metrics(num_classes), lr=lr,
+                         train_streaming_layers, _slide_metrics(num_classes), lr=lr, predict_feature_map=True,
                          **_engine_options(built, stages, stage_memory, tile_cache_dir, progress))
         self.train_metrics = None
 
     def predict_step(self, batch: Any, batch_idx: int, dataloader_idx: int = 0) -> SlideOutput:
         """Logits and the predicted class's score map of a batch."""
-        feature_map = self.forward_streaming(_image_and_target(batch)[0])
-        logits = self.head(feature_map)
+        logits, feature_map = super().predict_step(batch, batch_idx, dataloader_idx)
         scores = self.head.score_map(feature_map)
         chosen = logits.argmax(1)[:, None, None, None].expand(-1, 1, *scores.shape[2:])
         return SlideOutput(logits, scores.gather(1, chosen)[:, 0], "class score", self.stream_network.output_stride)
