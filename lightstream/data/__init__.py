@@ -8,6 +8,7 @@
 """
 
 from lightstream.data.dataset import (
+    SPLITS,
     Augmentation,
     SlideDataset,
     SlideRecord,
@@ -23,6 +24,7 @@ from lightstream.data.errors import (
     SlideError,
     SlideLevelError,
     SlideNotFoundError,
+    SlideTableError,
     UnsupportedSlideError,
 )
 from lightstream.data.geometry import (
@@ -52,6 +54,7 @@ from lightstream.data.views import (
 )
 
 __all__ = [
+    "SPLITS",
     "Augmentation",
     "Box",
     "ColorJitter",
@@ -73,6 +76,7 @@ __all__ = [
     "SlideLevelError",
     "SlideNotFoundError",
     "SlideRecord",
+    "SlideTableError",
     "SlideSample",
     "SyntheticSlide",
     "TissueMask",

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +27,14 @@ from PIL import Image
 from torch.utils.data import Dataset
 
 from lightstream.core.source import ImageSource
-from lightstream.data.errors import MaskMismatchError, SlideNotFoundError, UnsupportedSlideError
+from lightstream.data.errors import MaskMismatchError, SlideNotFoundError, SlideTableError, UnsupportedSlideError
 from lightstream.data.geometry import Box, clip_box, fit_box_to_multiple, scale_box
 from lightstream.data.slide import Slide, open_slide
 from lightstream.data.tissue import mask_box, tissue_box
 from lightstream.data.views import ColorJitter, ColorJitterView, FlipView, Rot90View
 
 __all__ = [
+    "SPLITS",
     "SlideRecord",
     "Augmentation",
     "SlideSample",
@@ -49,16 +51,18 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One row of a slide table: the slide, its label, optionally a region-of-interest mask and a label mask.
+    """One row of a slide table: the slide, its label, optionally masks and a split.
 
     ``mask_path`` marks where to look (non-zero = tissue to use; it sets the crop); ``label_mask_path``
-    is a per-pixel class map for segmentation (see :class:`~lightstream.data.SegmentationSlideDataset`).
+    is a per-pixel class map for segmentation (see :class:`~lightstream.data.SegmentationSlideDataset`);
+    ``split`` is ``"train"``, ``"val"``, ``"test"`` or ``None`` (not assigned in the table).
     """
 
     path: Path
     label: int | float
     mask_path: Path | None = None
     label_mask_path: Path | None = None
+    split: str | None = None
 
 
 @dataclass(frozen=True)
@@ -242,11 +246,29 @@ def collate_single(batch: list[SlideSample]) -> SlideSample:
     return batch[0]
 
 
-def read_slide_table(csv_path: str | Path) -> list[SlideRecord]:
-    """Read a CSV with columns ``path``, ``label`` and optionally ``mask`` and ``label_mask``.
+SPLITS = ("train", "val", "test")
+"""The values a slide table's optional ``split`` column may hold (an empty cell: not assigned)."""
 
-    Relative paths are relative to the CSV's folder; an empty ``mask`` / ``label_mask`` cell means none. Labels
-    that parse as integers stay integers, others become floats.
+
+def read_slide_table(
+    csv_path: str | Path, classes: Sequence[str] | None = None, check_files: bool = True
+) -> list[SlideRecord]:
+    """Read and check a CSV with columns ``path``, ``label`` and optionally ``mask``, ``label_mask`` and ``split``.
+
+    Relative paths are relative to the CSV's folder; an empty ``mask`` / ``label_mask`` cell means none, an
+    empty ``split`` cell no assigned split (else one of :data:`SPLITS`). Without ``classes``,
+    labels that parse as integers stay integers and others become floats; with ``classes``
+    (e.g. ``["normal", "tumour"]``) a label is a class name or an index into it, and becomes
+    that index.
+
+    Every row is checked before anything is returned, so a bad table fails before training.
+
+    Raises:
+        FileNotFoundError: the table itself does not exist.
+        ValueError: the table lacks the ``path`` or ``label`` column.
+        SlideTableError: rows with an empty, NaN or unknown label, a slide (or mask) file that
+            does not exist (with ``check_files``), a slide listed twice, or an unknown split;
+            the message names every such row by line number and says what is wrong.
     """
     csv_path = Path(csv_path)
     if not csv_path.is_file():
@@ -258,26 +280,66 @@ def read_slide_table(csv_path: str | Path) -> list[SlideRecord]:
             raise ValueError(
                 f"slide table {csv_path} lacks column(s) {sorted(missing)}; it has {reader.fieldnames}"
             )
-        records = []
-        for line, row in enumerate(reader, start=2):
-            try:
-                label: int | float = int(row["label"])
-            except ValueError:
-                try:
-                    label = float(row["label"])
-                except ValueError:
-                    raise ValueError(f"{csv_path}, line {line}: label {row['label']!r} is not a number") from None
-            mask = row.get("mask") or None
-            label_mask = row.get("label_mask") or None
-            records.append(
-                SlideRecord(
-                    csv_path.parent / row["path"],
-                    label,
-                    csv_path.parent / mask if mask is not None else None,
-                    csv_path.parent / label_mask if label_mask is not None else None,
-                )
-            )
+        rows = list(enumerate(reader, start=2))
+    records, problems = [], []
+    first_line_of: dict[Path, int] = {}
+    for line, row in rows:
+        row_problems = []
+        label = _parse_label(row["label"], classes, row_problems)
+        path = csv_path.parent / (row["path"] or "").strip()
+        mask_cell = (row.get("mask") or "").strip()
+        mask = csv_path.parent / mask_cell if mask_cell else None
+        label_mask_cell = (row.get("label_mask") or "").strip()
+        label_mask = csv_path.parent / label_mask_cell if label_mask_cell else None
+        split = (row.get("split") or "").strip() or None
+        if not (row["path"] or "").strip():
+            row_problems.append("the path is empty")
+        elif check_files and not path.is_file():
+            row_problems.append(f"slide file not found: {path}")
+        if check_files and mask is not None and not mask.is_file():
+            row_problems.append(f"mask file not found: {mask}")
+        if check_files and label_mask is not None and not label_mask.is_file():
+            row_problems.append(f"label mask file not found: {label_mask}")
+        if split is not None and split not in SPLITS:
+            row_problems.append(f"split {split!r} is not one of {', '.join(SPLITS)} (or empty)")
+        key = path.resolve()
+        if key in first_line_of and (row["path"] or "").strip():
+            row_problems.append(f"slide {row['path']!r} is listed twice (also on line {first_line_of[key]})")
+        first_line_of.setdefault(key, line)
+        problems += [f"line {line}: {problem}" for problem in row_problems]
+        if not row_problems:
+            records.append(SlideRecord(path, label, mask, label_mask, split))  # type: ignore[arg-type]
+    if problems:
+        raise SlideTableError(csv_path, problems)
     return records
+
+
+def _parse_label(cell: str | None, classes: Sequence[str] | None, problems: list[str]) -> int | float | None:
+    """The label of one cell; appends what is wrong with it to ``problems`` (and returns ``None``)."""
+    text = (cell or "").strip()
+    if not text:
+        problems.append("the label is empty")
+        return None
+    if classes is not None:
+        if text in classes:
+            return list(classes).index(text)
+        if text.isdigit() and int(text) < len(classes):
+            return int(text)
+        problems.append(f"label {text!r} is not one of the classes {list(classes)} (nor an index into them)")
+        return None
+    try:
+        return int(text)
+    except ValueError:
+        pass
+    try:
+        value = float(text)
+    except ValueError:
+        problems.append(f"label {text!r} is not a number (give the class names as classes= to use names)")
+        return None
+    if not math.isfinite(value):
+        problems.append(f"label {text!r} is not a finite number")
+        return None
+    return value
 
 
 def write_slide_table(csv_path: str | Path, records: Sequence[SlideRecord]) -> None:
@@ -285,9 +347,11 @@ def write_slide_table(csv_path: str | Path, records: Sequence[SlideRecord]) -> N
     csv_path = Path(csv_path)
     with_masks = any(record.mask_path is not None for record in records)
     with_label_masks = any(record.label_mask_path is not None for record in records)
+    with_splits = any(record.split is not None for record in records)
     with csv_path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["path", "label"] + ["mask"] * with_masks + ["label_mask"] * with_label_masks)
+        writer.writerow(["path", "label"] + ["mask"] * with_masks + ["label_mask"] * with_label_masks
+                        + ["split"] * with_splits)
         for record in records:
             row = [_relative_to(record.path, csv_path.parent), record.label]
             if with_masks:
@@ -296,6 +360,8 @@ def write_slide_table(csv_path: str | Path, records: Sequence[SlideRecord]) -> N
                 row.append(
                     _relative_to(record.label_mask_path, csv_path.parent) if record.label_mask_path is not None else ""
                 )
+            if with_splits:
+                row.append(record.split or "")
             writer.writerow(row)
 
 

@@ -10,6 +10,7 @@ __all__ = [
     "UnsupportedSlideError",
     "SlideLevelError",
     "MaskMismatchError",
+    "SlideTableError",
 ]
 
 
@@ -51,3 +52,18 @@ class MaskMismatchError(SlideError, ValueError):
     def __init__(self, path: str | Path, slide_path: str | Path, message: str) -> None:
         self.slide_path = Path(slide_path)
         super().__init__(path, message)
+
+
+class SlideTableError(ValueError):
+    """A slide table has rows that cannot be used; the message lists every bad row and why.
+
+    Attributes:
+        path: the table (CSV) file.
+        problems: one ``"line N: reason"`` string per bad row.
+    """
+
+    def __init__(self, path: str | Path, problems: list[str]) -> None:
+        self.path = Path(path)
+        self.problems = problems
+        listed = "\n".join(f"  {self.path}, {problem}" for problem in problems)
+        super().__init__(f"slide table {self.path} has {len(problems)} bad row(s); fix them and retry:\n{listed}")
