@@ -1,6 +1,6 @@
 """Shared plumbing of the ready backbones: build a torchvision classifier, split it, set the head.
 
-Every backbone's constructor is :func:`build_backbone` with its own names, split and classifier
+Every backbone's constructor is :func:`build_split_classifier` with its own names, split and classifier
 layer, then ``ImageClassifier.__init__`` and ``save_hyperparameters`` (which reads the
 constructor's own arguments, so it stays in each constructor).
 """
@@ -24,7 +24,7 @@ Split = Callable[[Any, Any], tuple[nn.Sequential, nn.Sequential]]
 
 
 @dataclass(frozen=True)
-class Backbone:
+class SplitClassifier:
     """A torchvision classifier cut into a streamed trunk and a head, and its classifier's options."""
 
     trunk: nn.Sequential
@@ -33,9 +33,9 @@ class Backbone:
     """The ``ImageClassifier`` keyword options, with the pretrained weights' ``mean``/``std`` added."""
 
 
-def build_backbone(model_name: str, names: Sequence[str], split: Split, classifier: str, *,
+def build_split_classifier(model_name: str, names: Sequence[str], split: Split, classifier: str, *,
                    weights: WeightsEnum | str | None, num_classes: int, last_trunk_layer: Any,
-                   options: dict[str, Any], **model_kwargs: Any) -> Backbone:
+                   options: dict[str, Any], **model_kwargs: Any) -> SplitClassifier:
     """Build torchvision's ``model_name`` with ``num_classes`` outputs and split it for streaming.
 
     Args:
@@ -60,7 +60,7 @@ def build_backbone(model_name: str, names: Sequence[str], split: Split, classifi
     parent = network.get_submodule(parent_name)
     setattr(parent, child, classifier_for(getattr(parent, child), num_classes))
     trunk, head = split(network, last_trunk_layer)
-    return Backbone(trunk, head, normalization_defaults(resolved, options))
+    return SplitClassifier(trunk, head, normalization_defaults(resolved, options))
 
 
 def build_network(model_name: str, weights: WeightsEnum | str | None, num_classes: int, **model_kwargs: Any

@@ -9,7 +9,7 @@ from torchvision.models import ConvNeXt, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_backbone, split_layers
+from ._torchvision import build_split_classifier, split_layers
 
 __all__ = ["CONVNEXT_NAMES", "StreamingConvNext", "split_convnext"]
 
@@ -65,7 +65,7 @@ class StreamingConvNext(ImageClassifier):
         last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
-        backbone = build_backbone(model_name, CONVNEXT_NAMES, split_convnext, "classifier.2", weights=weights,
+        backbone = build_split_classifier(model_name, CONVNEXT_NAMES, split_convnext, "classifier.2", weights=weights,
                                   num_classes=num_classes, last_trunk_layer=last_trunk_layer, options=kwargs,
                                   stochastic_depth_prob=0.0)
         super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,

@@ -9,7 +9,7 @@ from torchvision.models import MobileNetV2, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_backbone, split_layers
+from ._torchvision import build_split_classifier, split_layers
 
 __all__ = ["StreamingMobileNetV2", "split_mobilenet_v2"]
 
@@ -54,7 +54,7 @@ class StreamingMobileNetV2(ImageClassifier):
         last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
-        backbone = build_backbone("mobilenet_v2", ("mobilenet_v2",), split_mobilenet_v2, "classifier.1",
+        backbone = build_split_classifier("mobilenet_v2", ("mobilenet_v2",), split_mobilenet_v2, "classifier.1",
                                   weights=weights, num_classes=num_classes, last_trunk_layer=last_trunk_layer,
                                   options=kwargs)
         super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,

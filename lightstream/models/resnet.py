@@ -9,7 +9,7 @@ from torchvision.models import ResNet, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_backbone, split_layers
+from ._torchvision import build_split_classifier, split_layers
 
 __all__ = ["RESNET_NAMES", "StreamingResNet", "split_resnet"]
 
@@ -64,7 +64,7 @@ class StreamingResNet(ImageClassifier):
         last_trunk_layer: str = "layer4",
         **kwargs: Any,
     ) -> None:
-        backbone = build_backbone(model_name, RESNET_NAMES, split_resnet, "fc", weights=weights,
+        backbone = build_split_classifier(model_name, RESNET_NAMES, split_resnet, "fc", weights=weights,
                                   num_classes=num_classes, last_trunk_layer=last_trunk_layer, options=kwargs)
         super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,
                          **backbone.options)
