@@ -16,6 +16,7 @@ from .core import (
     Geometry,
     ImageSource,
     LayerProfile,
+    StaleForwardError,
     StepEstimate,
     StreamingCNN,
     StreamingError,
@@ -31,7 +32,7 @@ __version__ = "0.1.0"
 _LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules"}
 
 __all__ = [
-    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StepEstimate", "StreamingCNN",
+    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StaleForwardError", "StepEstimate", "StreamingCNN",
     "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError", "TimeModel",
     "UnsupportedLayerError", "__version__",
 ]

@@ -13,6 +13,7 @@ from lightstream.data.dataset import (
     SlideRecord,
     SlideSample,
     collate_single,
+    orient,
     read_mask,
     read_slide_table,
     write_slide_table,
@@ -33,6 +34,10 @@ from lightstream.data.geometry import (
     scale_box,
 )
 from lightstream.data.heatmap import heatmap_on_thumbnail, reduce_channels, slide_heatmap
+from lightstream.data.masks import LabelMask, open_label_mask
+from lightstream.data.overlay import LABEL_COLORS, blend_labels, label_colors, labels_on_thumbnail, write_overlay_png
+from lightstream.data.segmentation_dataset import SegmentationSample, SegmentationSlideDataset
+from lightstream.data.segmentation_writer import SegmentationWriter, label_pyramid_shapes, write_segmentation
 from lightstream.data.slide import MPP_TOLERANCE, Slide, open_slide
 from lightstream.data.synthetic import Lesion, SyntheticSlide, write_synthetic_dataset, write_synthetic_slide
 from lightstream.data.tissue import TissueMask, detect_tissue, mask_box, otsu_threshold, tissue_box, tissue_mask
@@ -53,10 +58,15 @@ __all__ = [
     "ColorJitterView",
     "CropView",
     "FlipView",
+    "LABEL_COLORS",
+    "LabelMask",
     "Lesion",
     "MPP_TOLERANCE",
     "MaskMismatchError",
     "Rot90View",
+    "SegmentationSample",
+    "SegmentationSlideDataset",
+    "SegmentationWriter",
     "Slide",
     "SlideDataset",
     "SlideError",
@@ -67,14 +77,20 @@ __all__ = [
     "SyntheticSlide",
     "TissueMask",
     "UnsupportedSlideError",
+    "blend_labels",
     "clip_box",
     "collate_single",
     "crop_to_multiple",
     "detect_tissue",
     "fit_box_to_multiple",
     "heatmap_on_thumbnail",
+    "label_colors",
+    "label_pyramid_shapes",
+    "labels_on_thumbnail",
     "mask_box",
+    "open_label_mask",
     "open_slide",
+    "orient",
     "otsu_threshold",
     "pad_to_multiple",
     "read_mask",
@@ -86,6 +102,8 @@ __all__ = [
     "slide_heatmap",
     "tissue_box",
     "tissue_mask",
+    "write_overlay_png",
+    "write_segmentation",
     "write_slide_table",
     "write_synthetic_dataset",
     "write_synthetic_slide",

@@ -38,6 +38,7 @@ __all__ = [
     "SlideSample",
     "SlideDataset",
     "collate_single",
+    "orient",
     "read_slide_table",
     "write_slide_table",
     "read_mask",
@@ -48,11 +49,16 @@ logger = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SlideRecord:
-    """One row of a slide table: the slide, its label, and optionally a region-of-interest mask."""
+    """One row of a slide table: the slide, its label, optionally a region-of-interest mask and a label mask.
+
+    ``mask_path`` marks where to look (non-zero = tissue to use; it sets the crop); ``label_mask_path``
+    is a per-pixel class map for segmentation (see :class:`~lightstream.data.SegmentationSlideDataset`).
+    """
 
     path: Path
     label: int | float
     mask_path: Path | None = None
+    label_mask_path: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -164,15 +170,11 @@ class SlideDataset(Dataset):
             if index not in self._regions:
                 self._regions[index] = self._region(slide, mask)
             box = self._regions[index]
-            image: ImageSource = slide.crop(box)
             mask_crop = _crop_mask(mask, box, slide.shape[2:]) if mask is not None else None
             quarter_turns, flipped, jitter = self._draw_augmentation(index)
-            if flipped:
-                image = FlipView(image, horizontal=True)
-                mask_crop = mask_crop[:, ::-1] if mask_crop is not None else None
-            if quarter_turns:
-                image = Rot90View(image, quarter_turns)
-                mask_crop = np.rot90(mask_crop, quarter_turns) if mask_crop is not None else None
+            image = orient(slide.crop(box), flipped, quarter_turns)
+            if mask_crop is not None:
+                mask_crop = np.rot90(mask_crop[:, ::-1] if flipped else mask_crop, quarter_turns)
             if jitter is not None:
                 image = ColorJitterView(image, jitter)
         except BaseException:
@@ -221,6 +223,16 @@ class SlideDataset(Dataset):
         return quarter_turns, flipped, jitter
 
 
+def orient(source: ImageSource, flipped: bool, quarter_turns: int) -> ImageSource:
+    """``source`` in a sample's orientation: mirrored left-right if ``flipped``, then turned by
+    ``quarter_turns`` (``torch.rot90`` convention), as lazy views."""
+    if flipped:
+        source = FlipView(source, horizontal=True)
+    if quarter_turns:
+        source = Rot90View(source, quarter_turns)
+    return source
+
+
 def collate_single(batch: list[SlideSample]) -> SlideSample:
     """Collate for ``DataLoader(batch_size=1)``: the engine streams one slide at a time."""
     if len(batch) != 1:
@@ -231,9 +243,9 @@ def collate_single(batch: list[SlideSample]) -> SlideSample:
 
 
 def read_slide_table(csv_path: str | Path) -> list[SlideRecord]:
-    """Read a CSV with columns ``path``, ``label`` and optionally ``mask``.
+    """Read a CSV with columns ``path``, ``label`` and optionally ``mask`` and ``label_mask``.
 
-    Relative paths are relative to the CSV's folder; an empty ``mask`` cell means no mask. Labels
+    Relative paths are relative to the CSV's folder; an empty ``mask`` / ``label_mask`` cell means none. Labels
     that parse as integers stay integers, others become floats.
     """
     csv_path = Path(csv_path)
@@ -256,9 +268,13 @@ def read_slide_table(csv_path: str | Path) -> list[SlideRecord]:
                 except ValueError:
                     raise ValueError(f"{csv_path}, line {line}: label {row['label']!r} is not a number") from None
             mask = row.get("mask") or None
+            label_mask = row.get("label_mask") or None
             records.append(
                 SlideRecord(
-                    csv_path.parent / row["path"], label, csv_path.parent / mask if mask is not None else None
+                    csv_path.parent / row["path"],
+                    label,
+                    csv_path.parent / mask if mask is not None else None,
+                    csv_path.parent / label_mask if label_mask is not None else None,
                 )
             )
     return records
@@ -268,13 +284,18 @@ def write_slide_table(csv_path: str | Path, records: Sequence[SlideRecord]) -> N
     """Write records as a CSV readable by :func:`read_slide_table`, paths relative to its folder where possible."""
     csv_path = Path(csv_path)
     with_masks = any(record.mask_path is not None for record in records)
+    with_label_masks = any(record.label_mask_path is not None for record in records)
     with csv_path.open("w", newline="") as file:
         writer = csv.writer(file)
-        writer.writerow(["path", "label", "mask"] if with_masks else ["path", "label"])
+        writer.writerow(["path", "label"] + ["mask"] * with_masks + ["label_mask"] * with_label_masks)
         for record in records:
             row = [_relative_to(record.path, csv_path.parent), record.label]
             if with_masks:
                 row.append(_relative_to(record.mask_path, csv_path.parent) if record.mask_path is not None else "")
+            if with_label_masks:
+                row.append(
+                    _relative_to(record.label_mask_path, csv_path.parent) if record.label_mask_path is not None else ""
+                )
             writer.writerow(row)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import struct
 import threading
 from collections import OrderedDict
 from pathlib import Path
@@ -35,6 +36,11 @@ _THUMBNAIL_BAND_PIXELS = 1 << 24
 """Level pixels read at once while building a thumbnail (about 64 MB of RGBA)."""
 
 _TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+_TIFF_DATA_TAGS = (273, 279, 324, 325)
+"""StripOffsets, StripByteCounts, TileOffsets, TileByteCounts."""
+_TIFF_INTEGER_TYPES = {3: "u2", 4: "u4", 16: "u8"}
+"""TIFF field types SHORT, LONG and LONG8, as numpy dtypes."""
+_DAMAGED = "truncated or corrupt"
 
 
 class Slide:
@@ -134,7 +140,12 @@ class Slide:
         box-averaged by an integer factor; that level is read in bands of rows, so even a slide
         without a pyramid never has a whole level in memory. Pixel ``(i, j)`` covers about
         ``H0 / h x W0 / w`` level-0 pixels from ``(i * H0 / h, j * W0 / w)``.
+
+        Raises:
+            ValueError: ``max_size`` is not a positive integer.
         """
+        if isinstance(max_size, bool) or not isinstance(max_size, (int, np.integer)) or max_size < 1:
+            raise ValueError(f"max_size must be a positive integer (pixels), got {max_size!r} for {self.path}")
         height0, width0 = self.level_shapes[0]
         wanted = max(height0, width0) / max_size
         level = max(k for k, downsample in enumerate(self.level_downsamples) if k == 0 or downsample <= wanted)
@@ -154,7 +165,9 @@ class Slide:
         try:
             rgba = np.asarray(self._handle().read_region(location, level, (width, height)))
         except openslide.OpenSlideError as exc:
-            raise UnsupportedSlideError(self.path, f"cannot read pixels of {self.path} at level {level}: {exc}") from exc
+            raise UnsupportedSlideError(
+                self.path, f"cannot read pixels of {self.path} at level {level}: the file is {_DAMAGED} ({exc})"
+            ) from exc
         rgb, alpha = rgba[..., :3], rgba[..., 3:]
         if alpha.min() == 255:
             return rgb
@@ -289,16 +302,23 @@ def _open_openslide(path: Path) -> openslide.OpenSlide:
     try:
         return openslide.OpenSlide(path)
     except openslide.OpenSlideUnsupportedFormatError as exc:
-        hint = (
-            "it is a TIFF, but OpenSlide reads only tiled TIFFs (convert it to a tiled pyramid, e.g. "
-            "with `vips tiffsave --tile --pyramid`)"
-            if _is_tiff(path)
-            else "OpenSlide does not recognise its format (it reads tiled pyramidal TIFF, SVS, NDPI, "
-            "MRXS, SCN, BIF, DICOM, ...); for an image already in memory use lightstream.core.source.TensorSource"
-        )
-        raise UnsupportedSlideError(path, f"cannot read {path} as a slide: {hint}") from exc
+        raise UnsupportedSlideError(path, f"cannot read {path} as a slide: {_unsupported_hint(path)}") from exc
     except openslide.OpenSlideError as exc:
-        raise UnsupportedSlideError(path, f"cannot read {path} as a slide: {exc}") from exc
+        raise UnsupportedSlideError(path, f"cannot read {path} as a slide: the file is {_DAMAGED} ({exc})") from exc
+
+
+def _unsupported_hint(path: Path) -> str:
+    """Why OpenSlide refused ``path``: empty, a damaged TIFF, an untiled TIFF, or another format."""
+    if path.stat().st_size == 0:
+        return f"the file is empty ({_DAMAGED}: was it copied completely?)"
+    if not _is_tiff(path):
+        return ("OpenSlide does not recognise its format (it reads tiled pyramidal TIFF, SVS, NDPI, "
+                "MRXS, SCN, BIF, DICOM, ...); for an image already in memory use lightstream.core.source.TensorSource")
+    damage = _tiff_damage(path)
+    if damage is not None:
+        return f"the file is {_DAMAGED}: {damage} (was it copied completely?)"
+    return ("it is a TIFF, but OpenSlide reads only tiled TIFFs (convert it to a tiled pyramid, e.g. "
+            "with `vips tiffsave --tile --pyramid`)")
 
 
 def _box_average(rgb: np.ndarray, factor: int) -> np.ndarray:
@@ -314,6 +334,60 @@ def _box_average(rgb: np.ndarray, factor: int) -> np.ndarray:
 def _is_tiff(path: Path) -> bool:
     with path.open("rb") as file:
         return file.read(4) in _TIFF_MAGICS
+
+
+class _TiffDamage(Exception):
+    """A TIFF structure that points outside its file."""
+
+
+def _tiff_damage(path: Path) -> str | None:
+    """What in a TIFF's structure lies past the end of its file, or ``None`` if nothing does.
+
+    Walks the chain of image directories (classic TIFF and BigTIFF) and checks that every
+    directory, and every strip or tile its offsets point to, lies inside the file: a file cut
+    short (an interrupted copy or download) fails here, an intact untiled TIFF does not.
+    """
+    size = path.stat().st_size
+    with path.open("rb") as file:
+
+        def read(offset: int, length: int) -> bytes:
+            file.seek(offset)
+            data = file.read(length)
+            if len(data) < length:
+                raise _TiffDamage(f"it has {size} bytes, but its structure reads {length} bytes at byte {offset}")
+            return data
+
+        try:
+            order = "<" if read(0, 2) == b"II" else ">"
+            big = struct.unpack(order + "H", read(2, 2))[0] == 43
+            offset_code, count_code, entry_size = ("Q", "Q", 20) if big else ("I", "H", 12)
+            width = struct.calcsize(offset_code)
+            directory = struct.unpack(order + offset_code, read(8 if big else 4, width))[0]
+            seen: set[int] = set()
+            while directory and directory not in seen:
+                seen.add(directory)
+                count = struct.unpack(order + count_code, read(directory, struct.calcsize(count_code)))[0]
+                table = read(directory + struct.calcsize(count_code), count * entry_size + width)
+                arrays = {}
+                for start in range(0, count * entry_size, entry_size):
+                    tag, kind, length = struct.unpack(order + "HH" + offset_code, table[start : start + 4 + width])
+                    if tag in _TIFF_DATA_TAGS and kind in _TIFF_INTEGER_TYPES:
+                        dtype = np.dtype(_TIFF_INTEGER_TYPES[kind]).newbyteorder(order)
+                        field = table[start + 4 + width : start + entry_size]
+                        nbytes = length * dtype.itemsize
+                        where = struct.unpack(order + offset_code, field)[0]
+                        raw = field[:nbytes] if nbytes <= width else read(where, nbytes)
+                        arrays[tag] = np.frombuffer(raw, dtype).astype(np.int64)
+                for offsets_tag, counts_tag in ((273, 279), (324, 325)):  # strips, tiles
+                    if offsets_tag in arrays and counts_tag in arrays:
+                        ends = arrays[offsets_tag] + arrays[counts_tag]
+                        if ends.size and ends.max() > size:
+                            raise _TiffDamage(f"its image data runs to byte {ends.max()}, past its end at "
+                                              f"byte {size}")
+                directory = struct.unpack(order + offset_code, table[-width:])[0]
+        except _TiffDamage as damage:
+            return str(damage)
+    return None
 
 
 def _read_base_mpp(properties: Any) -> float | None:

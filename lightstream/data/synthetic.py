@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 import tifffile
 
 from lightstream.data.dataset import SlideRecord, write_slide_table
+from lightstream.data.tiff_writer import check_writable, write_tiff_pyramid
 
 __all__ = ["Lesion", "SyntheticSlide", "write_synthetic_slide", "write_synthetic_dataset"]
 
@@ -68,6 +69,7 @@ class SyntheticSlide:
         level_shapes: ``(height, width)`` of every pyramid level.
         lesions: the lesions drawn (level-0 coordinates).
         seed: the seed the content was drawn from.
+        mask_path: the lesion label mask written beside it, or ``None``.
     """
 
     path: Path
@@ -76,6 +78,7 @@ class SyntheticSlide:
     level_shapes: tuple[tuple[int, int], ...]
     lesions: tuple[Lesion, ...]
     seed: int
+    mask_path: Path | None = None
 
     @property
     def label(self) -> int:
@@ -95,8 +98,15 @@ def write_synthetic_slide(
     lesion_radius: float = 96.0,
     workers: int | None = None,
     overwrite: bool = False,
+    mask_path: str | Path | None = None,
 ) -> SyntheticSlide:
     """Write a pyramidal tiled TIFF of synthetic tissue, deterministic from ``seed``.
+
+    With ``mask_path`` the lesions' label mask is written beside it: a lossless single-channel
+    ``uint8`` pyramid with the slide's levels, tiles and mpp, 1 on every pixel whose centre lies
+    inside a lesion (the disc its nuclei are drawn in) and 0 elsewhere, rendered at every level
+    from the same pixel centres as the slide (open it with
+    :func:`~lightstream.data.masks.open_label_mask`).
 
     Args:
         path: output file; written to a temporary name first and renamed when complete.
@@ -110,7 +120,9 @@ def write_synthetic_slide(
         quality: JPEG quality (ignored by the other codecs).
         lesion_radius: largest lesion radius in level-0 pixels (each is 60-100 % of it).
         workers: threads rendering tiles (default: up to 4, bounded by the CPU count).
-        overwrite: replace an existing file; without it an existing ``path`` raises ``FileExistsError``.
+        overwrite: replace existing files; without it an existing ``path`` (or ``mask_path``) raises
+            ``FileExistsError``.
+        mask_path: where to write the lesion label mask; ``None`` writes none.
 
     Returns:
         the slide's metadata, including the lesion centres for labels.
@@ -123,8 +135,10 @@ def write_synthetic_slide(
         raise ValueError(f"cannot write {path}: tile must be a positive multiple of 16 (TIFF), got {tile}")
     if not (math.isfinite(mpp) and mpp > 0):
         raise ValueError(f"cannot write {path}: mpp must be a positive number, got {mpp}")
-    if path.exists() and not overwrite:
-        raise FileExistsError(f"refusing to overwrite {path}; pass overwrite=True to replace it")
+    mask_path = Path(mask_path) if mask_path is not None else None
+    for output in (path, mask_path):
+        if output is not None:
+            check_writable(output, overwrite)
     renderer = _TissueRenderer(height, width, seed, lesions, lesion_radius)
     level_shapes = _pyramid_shapes(height, width, tile)
     workers = workers or min(4, os.cpu_count() or 1)
@@ -136,35 +150,19 @@ def write_synthetic_slide(
             "lesions": [asdict(lesion) for lesion in renderer.lesions],
         }
     )
-    pixels_per_cm = 1e4 / mpp
-    partial = path.with_name(f".{path.name}.partial")
-    try:
-        with tifffile.TiffWriter(partial, bigtiff=True) as tif, ThreadPoolExecutor(workers) as pool:
-            for level, (level_height, level_width) in enumerate(level_shapes):
-                downsample = 2**level
-                corners = [(y, x) for y in range(0, level_height, tile) for x in range(0, level_width, tile)]
-                render = functools.partial(_render_tile, renderer, tile, (level_height, level_width), downsample)
-                tiles = _ordered_map(pool, render, corners, lookahead=4 * workers)
-                tif.write(
-                    tiles,
-                    shape=(level_height, level_width, 3),
-                    dtype=np.uint8,
-                    tile=(tile, tile),
-                    photometric="rgb",
-                    compression=compression,
-                    compressionargs={"level": quality} if compression == "jpeg" else None,
-                    resolution=(pixels_per_cm / downsample, pixels_per_cm / downsample),
-                    resolutionunit="CENTIMETER",
-                    subfiletype=1 if level else 0,
-                    description=description if level == 0 else None,
-                    metadata=None,
-                    software="lightstream",
-                )
-        os.replace(partial, path)
-    finally:
-        partial.unlink(missing_ok=True)
+    with ThreadPoolExecutor(workers) as pool:
+
+        def write(output: Path, render: Callable[[int, int, int, int, int], np.ndarray], **options: Any) -> None:
+            tiles = _rendered_levels(pool, render, level_shapes, tile, workers)
+            write_tiff_pyramid(output, level_shapes, tiles, tile=tile, dtype=np.uint8, mpp=mpp, **options)
+
+        compressionargs = {"level": quality} if compression == "jpeg" else None
+        write(path, renderer.render, samples=3, compression=compression, compressionargs=compressionargs,
+              description=description)
+        if mask_path is not None:
+            write(mask_path, renderer.lesion_labels, samples=1, compression="zlib")
     logger.info("wrote %s: %dx%d px, %d levels, %d lesions", path, width, height, len(level_shapes), lesions)
-    return SyntheticSlide(path, (height, width), mpp, tuple(level_shapes), renderer.lesions, seed)
+    return SyntheticSlide(path, (height, width), mpp, tuple(level_shapes), renderer.lesions, seed, mask_path)
 
 
 def write_synthetic_dataset(
@@ -177,15 +175,18 @@ def write_synthetic_dataset(
     masks: bool = False,
     mask_downsample: int = 16,
     overwrite: bool = False,
+    label_masks: bool = False,
     **slide_options: object,
 ) -> list[SlideRecord]:
     """Write ``n`` labelled synthetic slides and a ``labels.csv`` table into ``folder``.
 
     Slides with label 1 carry ``lesions`` lesions, slides with label 0 none; labels are shuffled
     deterministically from ``seed``. With ``masks=True`` each slide also gets a tissue mask (a
-    ``uint8`` TIFF, 255 = tissue, ``mask_downsample`` times smaller than level 0).
+    ``uint8`` TIFF, 255 = tissue, ``mask_downsample`` times smaller than level 0). With
+    ``label_masks=True`` each slide also gets its lesion label mask (``slide_000_labels.tif``, see
+    ``mask_path`` of :func:`write_synthetic_slide`) for segmentation.
 
-    The table has columns ``path,label`` (and ``mask``) with paths relative to ``folder``; read it
+    The table has columns ``path,label`` (and ``mask``, ``label_mask``) with paths relative to ``folder``; read it
     back with :func:`~lightstream.data.dataset.read_slide_table`. Existing files raise
     ``FileExistsError`` unless ``overwrite=True``.
 
@@ -205,8 +206,15 @@ def write_synthetic_dataset(
     for index, label in enumerate(labels):
         slide_path = folder / f"slide_{index:03d}.tif"
         slide_seed = int(rng.integers(2**31))
+        label_mask_path = folder / f"slide_{index:03d}_labels.tif" if label_masks else None
         write_synthetic_slide(
-            slide_path, size, lesions=lesions if label else 0, seed=slide_seed, overwrite=overwrite, **slide_options
+            slide_path,
+            size,
+            lesions=lesions if label else 0,
+            seed=slide_seed,
+            overwrite=overwrite,
+            mask_path=label_mask_path,
+            **slide_options,
         )
         mask_path = None
         if masks:
@@ -215,7 +223,7 @@ def write_synthetic_dataset(
                 raise FileExistsError(f"refusing to overwrite {mask_path}; pass overwrite=True to replace it")
             mask = _TissueRenderer(size[0], size[1], slide_seed, 0, 0.0).tissue_mask(mask_downsample)
             tifffile.imwrite(mask_path, mask, compression="zlib")
-        records.append(SlideRecord(slide_path, int(label), mask_path))
+        records.append(SlideRecord(slide_path, int(label), mask_path, label_mask_path))
     write_slide_table(table, records)
     return records
 
@@ -293,6 +301,16 @@ class _TissueRenderer:
         xs = (np.arange(-(-self.width // downsample)) + 0.5) * downsample
         return np.where(self.tissue_alpha(ys, xs, downsample) > 0.5, 255, 0).astype(np.uint8)
 
+    def lesion_labels(self, top: int, left: int, height: int, width: int, downsample: int) -> np.ndarray:
+        """``uint8 [height, width]``: 1 where a pixel's centre (level-0 coordinates) lies inside a lesion's disc."""
+        ys = (np.arange(top, top + height) + 0.5) * downsample
+        xs = (np.arange(left, left + width) + 0.5) * downsample
+        labels = np.zeros((height, width), dtype=np.uint8)
+        for lesion in self.lesions:
+            inside = (ys[:, None] - lesion.center_y) ** 2 + (xs[None, :] - lesion.center_x) ** 2 < lesion.radius**2
+            labels[inside] = 1
+        return labels
+
     def _place_lesion(self, rng: np.random.Generator, lesion_radius: float) -> Lesion:
         radius = lesion_radius * rng.uniform(0.6, 1.0)
         best, best_tissue = None, -1.0
@@ -340,11 +358,34 @@ def _truncated_gaussian(offsets: np.ndarray, variance: float, reach: float) -> n
     return np.where(np.abs(offsets) < reach, np.exp(-(offsets**2) / (2 * variance)), 0.0)
 
 
+def _rendered_levels(
+    pool: ThreadPoolExecutor,
+    render: Callable[[int, int, int, int, int], np.ndarray],
+    level_shapes: list[tuple[int, int]],
+    tile: int,
+    workers: int,
+) -> Callable[[int], Iterator[np.ndarray]]:
+    """``level -> tiles`` for :func:`write_tiff_pyramid`: ``render(top, left, height, width, downsample)``
+    of each tile of the level, row-major, rendered on ``pool`` (a few tiles ahead, bounded memory)."""
+
+    def level_tiles(level: int) -> Iterator[np.ndarray]:
+        level_height, level_width = level_shapes[level]
+        corners = [(y, x) for y in range(0, level_height, tile) for x in range(0, level_width, tile)]
+        render_tile = functools.partial(_render_tile, render, tile, level_shapes[level], 2**level)
+        return _ordered_map(pool, render_tile, corners, lookahead=4 * workers)
+
+    return level_tiles
+
+
 def _render_tile(
-    renderer: _TissueRenderer, tile: int, level_shape: tuple[int, int], downsample: int, corner: tuple[int, int]
+    render: Callable[[int, int, int, int, int], np.ndarray],
+    tile: int,
+    level_shape: tuple[int, int],
+    downsample: int,
+    corner: tuple[int, int],
 ) -> np.ndarray:
     top, left = corner
-    return renderer.render(top, left, min(tile, level_shape[0] - top), min(tile, level_shape[1] - left), downsample)
+    return render(top, left, min(tile, level_shape[0] - top), min(tile, level_shape[1] - left), downsample)
 
 
 def _pyramid_shapes(height: int, width: int, tile: int) -> list[tuple[int, int]]:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 
 import numpy as np
@@ -11,7 +12,8 @@ import numpy as np
 from lightstream.data.geometry import Box, clip_box
 from lightstream.data.slide import Slide
 
-__all__ = ["TissueMask", "otsu_threshold", "saturation", "tissue_mask", "mask_box", "detect_tissue", "tissue_box"]
+__all__ = ["TissueMask", "otsu_threshold", "saturation", "tissue_mask", "mask_box", "detect_tissue", "tissue_box",
+           "check_margin"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ def tissue_mask(rgb: np.ndarray, min_saturation: float = 0.05, smoothing: int = 
     blank slide yields no tissue rather than half its noise) and most of its
     ``smoothing x smoothing`` neighbourhood is too, which drops isolated specks.
     """
+    _check_fraction(min_saturation, "min_saturation")
+    if isinstance(smoothing, bool) or not isinstance(smoothing, numbers.Integral) or smoothing < 1:
+        raise ValueError(f"smoothing must be a positive integer (a window side in pixels), got {smoothing!r}")
     values = saturation(rgb)
     threshold = max(otsu_threshold(values), min_saturation)
     mask = values > threshold
@@ -83,7 +88,11 @@ def mask_box(mask: np.ndarray, level_shape: tuple[int, int], margin: int = 0) ->
 
     The mask spans the whole level; ``margin`` (level pixels) widens the box on every side,
     clipped to the level. ``None`` if the mask is empty.
+
+    Raises:
+        ValueError: ``margin`` is not a non-negative integer.
     """
+    check_margin(margin)
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
     if not rows.size:
         return None
@@ -98,16 +107,31 @@ def mask_box(mask: np.ndarray, level_shape: tuple[int, int], margin: int = 0) ->
 
 def detect_tissue(slide: Slide, max_size: int = 1024, min_saturation: float = 0.05) -> TissueMask:
     """Detect tissue on the slide's thumbnail (longer side ``max_size``); see :func:`tissue_mask`."""
+    _check_fraction(min_saturation, "min_saturation")  # before the thumbnail is read
     mask, threshold = tissue_mask(slide.thumbnail(max_size), min_saturation)
     return TissueMask(mask, threshold, slide.level_shapes[0])
 
 
 def tissue_box(slide: Slide, margin: int = 0, max_size: int = 1024, min_saturation: float = 0.05) -> Box | None:
     """Bounding box of the tissue in the slide's chosen level, or ``None`` if it finds no tissue."""
+    check_margin(margin)  # before the thumbnail is read
     box = detect_tissue(slide, max_size, min_saturation).box(slide.shape[2:], margin)
     if box is None:
         logger.warning("%s: found no tissue (saturation never above %.3f)", slide.path, min_saturation)
     return box
+
+
+def check_margin(margin: object, name: str = "margin") -> None:
+    """Refuse a tissue margin that is not a whole, non-negative number of pixels (``name`` is the
+    argument it came in as, for the message)."""
+    if isinstance(margin, bool) or not isinstance(margin, numbers.Integral) or margin < 0:
+        raise ValueError(f"{name} must be a non-negative integer (pixels added around the tissue box), "
+                         f"got {margin!r}")
+
+
+def _check_fraction(value: object, name: str) -> None:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not 0 <= value <= 1:
+        raise ValueError(f"{name} must be a number between 0 and 1, got {value!r}")
 
 
 def _majority(mask: np.ndarray, size: int) -> np.ndarray:

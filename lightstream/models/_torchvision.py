@@ -1,10 +1,16 @@
-"""Shared plumbing of the ready backbones: build a torchvision classifier, split it, set the head."""
+"""Shared plumbing of the ready backbones: build a torchvision classifier, split it, set the head.
+
+Every backbone's constructor is :func:`build_backbone` with its own names, split and classifier
+layer, then ``ImageClassifier.__init__`` and ``save_hyperparameters`` (which reads the
+constructor's own arguments, so it stays in each constructor).
+"""
 
 from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
@@ -13,6 +19,48 @@ from torchvision.models import WeightsEnum, get_model_builder, get_model_weights
 logger = logging.getLogger(__name__)
 
 Layers = Sequence[tuple[str, nn.Module]]
+Split = Callable[[Any, Any], tuple[nn.Sequential, nn.Sequential]]
+"""``split(network, last_trunk_layer) -> (trunk, head)``, e.g. :func:`~lightstream.models.split_resnet`."""
+
+
+@dataclass(frozen=True)
+class Backbone:
+    """A torchvision classifier cut into a streamed trunk and a head, and its classifier's options."""
+
+    trunk: nn.Sequential
+    head: nn.Sequential
+    options: dict[str, Any]
+    """The ``ImageClassifier`` keyword options, with the pretrained weights' ``mean``/``std`` added."""
+
+
+def build_backbone(model_name: str, names: Sequence[str], split: Split, classifier: str, *,
+                   weights: WeightsEnum | str | None, num_classes: int, last_trunk_layer: Any,
+                   options: dict[str, Any], **model_kwargs: Any) -> Backbone:
+    """Build torchvision's ``model_name`` with ``num_classes`` outputs and split it for streaming.
+
+    Args:
+        model_name: a torchvision builder, one of ``names``.
+        names: the builders the backbone accepts.
+        split: cuts the network into ``(trunk, head)`` after ``last_trunk_layer``.
+        classifier: dotted path of the final ``nn.Linear`` (``"fc"``, ``"classifier.2"``), replaced
+            when pretrained weights come with another number of classes.
+        weights, num_classes, last_trunk_layer: the backbone's arguments of those names.
+        options: the remaining keyword arguments of the backbone, for ``ImageClassifier``.
+        **model_kwargs: to the torchvision builder.
+
+    Raises:
+        ValueError: ``model_name`` is not one of ``names``, or ``num_classes`` is not a positive integer.
+    """
+    if model_name not in names:
+        raise ValueError(f"model_name must be one of {tuple(names)}, got {model_name!r}")
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+        raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+    network, resolved = build_network(model_name, weights, num_classes, **model_kwargs)
+    parent_name, _, child = classifier.rpartition(".")
+    parent = network.get_submodule(parent_name)
+    setattr(parent, child, classifier_for(getattr(parent, child), num_classes))
+    trunk, head = split(network, last_trunk_layer)
+    return Backbone(trunk, head, normalization_defaults(resolved, options))
 
 
 def build_network(model_name: str, weights: WeightsEnum | str | None, num_classes: int, **model_kwargs: Any

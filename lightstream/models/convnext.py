@@ -9,7 +9,7 @@ from torchvision.models import ConvNeXt, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+from ._torchvision import build_backbone, split_layers
 
 __all__ = ["CONVNEXT_NAMES", "StreamingConvNext", "split_convnext"]
 
@@ -65,11 +65,9 @@ class StreamingConvNext(ImageClassifier):
         last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
-        if model_name not in CONVNEXT_NAMES:
-            raise ValueError(f"model_name must be one of {CONVNEXT_NAMES}, got {model_name!r}")
-        network, resolved = build_network(model_name, weights, num_classes, stochastic_depth_prob=0.0)
-        network.classifier[-1] = classifier_for(network.classifier[-1], num_classes)
-        trunk, head = split_convnext(network, last_trunk_layer)
-        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
-                         **normalization_defaults(resolved, kwargs))
+        backbone = build_backbone(model_name, CONVNEXT_NAMES, split_convnext, "classifier.2", weights=weights,
+                                  num_classes=num_classes, last_trunk_layer=last_trunk_layer, options=kwargs,
+                                  stochastic_depth_prob=0.0)
+        super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **backbone.options)
         self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

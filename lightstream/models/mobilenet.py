@@ -9,7 +9,7 @@ from torchvision.models import MobileNetV2, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+from ._torchvision import build_backbone, split_layers
 
 __all__ = ["StreamingMobileNetV2", "split_mobilenet_v2"]
 
@@ -54,9 +54,9 @@ class StreamingMobileNetV2(ImageClassifier):
         last_trunk_layer: str | int | None = None,
         **kwargs: Any,
     ) -> None:
-        network, resolved = build_network("mobilenet_v2", weights, num_classes)
-        network.classifier[-1] = classifier_for(network.classifier[-1], num_classes)
-        trunk, head = split_mobilenet_v2(network, last_trunk_layer)
-        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
-                         **normalization_defaults(resolved, kwargs))
+        backbone = build_backbone("mobilenet_v2", ("mobilenet_v2",), split_mobilenet_v2, "classifier.1",
+                                  weights=weights, num_classes=num_classes, last_trunk_layer=last_trunk_layer,
+                                  options=kwargs)
+        super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **backbone.options)
         self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

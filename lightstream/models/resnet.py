@@ -9,7 +9,7 @@ from torchvision.models import ResNet, WeightsEnum
 
 from ..modules import ImageClassifier
 from ..modules.classifier import MetricsArg
-from ._torchvision import build_network, classifier_for, normalization_defaults, split_layers
+from ._torchvision import build_backbone, split_layers
 
 __all__ = ["RESNET_NAMES", "StreamingResNet", "split_resnet"]
 
@@ -64,11 +64,8 @@ class StreamingResNet(ImageClassifier):
         last_trunk_layer: str = "layer4",
         **kwargs: Any,
     ) -> None:
-        if model_name not in RESNET_NAMES:
-            raise ValueError(f"model_name must be one of {RESNET_NAMES}, got {model_name!r}")
-        network, resolved = build_network(model_name, weights, num_classes)
-        network.fc = classifier_for(network.fc, num_classes)
-        trunk, head = split_resnet(network, last_trunk_layer)
-        super().__init__(trunk, head, tile_size, loss_fn, train_streaming_layers, metrics,
-                         **normalization_defaults(resolved, kwargs))
+        backbone = build_backbone(model_name, RESNET_NAMES, split_resnet, "fc", weights=weights,
+                                  num_classes=num_classes, last_trunk_layer=last_trunk_layer, options=kwargs)
+        super().__init__(backbone.trunk, backbone.head, tile_size, loss_fn, train_streaming_layers, metrics,
+                         **backbone.options)
         self.save_hyperparameters(ignore=["loss_fn", "metrics"])  # load_from_checkpoint(path) rebuilds it

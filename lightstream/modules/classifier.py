@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import math
+import numbers
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -55,6 +57,7 @@ class ImageClassifier(StreamingModule):
         predict_feature_map: bool = False,
         **kwargs: Any,
     ) -> None:
+        _check_task_arguments(head, loss_fn, lr)
         super().__init__(stream_network, tile_size, train_streaming_layers, **kwargs)
         self.head = head
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss()
@@ -73,8 +76,20 @@ class ImageClassifier(StreamingModule):
         return self.forward_head(self.forward_streaming(x))
 
     def forward_head(self, feature_map: Tensor) -> Tensor:
-        """Logits from a stitched feature map."""
-        return self.head(feature_map)
+        """Logits from a stitched feature map.
+
+        Raises:
+            RuntimeError: the head fails on the feature map (typically its first layer expects
+                another number of channels than the trunk gives); the message names the map's shape.
+        """
+        try:
+            return self.head(feature_map)
+        except RuntimeError as err:
+            if type(err) is not RuntimeError:  # out of memory, not implemented...: not a shape error
+                raise
+            raise RuntimeError(f"the head failed on the trunk's feature map of shape {list(feature_map.shape)}: "
+                               f"{err} (where shapes disagree: the head's first layer must take the trunk's "
+                               f"{feature_map.shape[1]} output channels)") from err
 
     def _step(self, batch: Any, stage: str) -> Tensor:
         image, target = _image_and_target(batch)
@@ -120,6 +135,16 @@ class ImageClassifier(StreamingModule):
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """Adam with learning rate ``lr`` over the parameters that require gradients."""
         return torch.optim.Adam(self.get_trainable_params(), lr=self.lr)
+
+
+def _check_task_arguments(head: Any, loss_fn: Any, lr: Any) -> None:
+    """Refuse a head, loss or learning rate of the wrong kind at construction, not at the first step."""
+    if not isinstance(head, nn.Module):
+        raise TypeError(f"head must be an nn.Module (feature map to logits), got {type(head).__name__}")
+    if loss_fn is not None and not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(logits, target), got {loss_fn!r}")
+    if isinstance(lr, bool) or not isinstance(lr, numbers.Real) or not math.isfinite(lr) or lr <= 0:
+        raise ValueError(f"lr must be a positive finite number, got {lr!r}")
 
 
 def _image_and_target(batch: Any) -> tuple[Any, Tensor | None]:

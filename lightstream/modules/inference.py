@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -46,7 +48,13 @@ def predict_slide(model: ImageClassifier, image: Tensor | ImageSource, saliency:
     the image's full size, so use it on a level that fits in host memory.
     Place either map on a thumbnail with :func:`lightstream.data.slide_heatmap` and draw it with
     :func:`lightstream.viz.plot_heatmap_overlay`.
+
+    Raises:
+        ValueError: ``image`` is a batch of more than one image (call it once per image), or
+            ``target`` is not a class index.
+        TypeError: ``model`` is not an :class:`ImageClassifier`.
     """
+    _check_prediction_arguments(model, image)
     engine = model.stream_network
     model.eval()
     with torch.set_grad_enabled(saliency):
@@ -54,10 +62,34 @@ def predict_slide(model: ImageClassifier, image: Tensor | ImageSource, saliency:
         if saliency:
             feature_map.requires_grad_()
         logits = model.forward_head(feature_map)[0]
-        chosen = int(logits.argmax()) if target is None else target
+        chosen = int(logits.argmax()) if target is None else _checked_target(target, logits.shape[0])
         image_grad = None
         if saliency:
             (grad,) = torch.autograd.grad(logits[chosen], feature_map)
             image_grad = engine.input_gradient(image, grad)[0]
     return SlidePrediction(logits.detach(), logits.detach().softmax(-1), chosen, feature_map.detach()[0],
                            image_grad, engine.output_stride)
+
+
+def _check_prediction_arguments(model: Any, image: Any) -> None:
+    """Refuse a model that is not a streaming classifier, and a batch of more than one image.
+
+    One image at a time: the logits, maps and saliency describe one slide, and a batch would
+    be a list of them (call :func:`predict_slide` per image instead).
+    """
+    if not isinstance(model, ImageClassifier):
+        raise TypeError(f"predict_slide needs an ImageClassifier (a streamed trunk and a head), got "
+                        f"{type(model).__name__}")
+    if not hasattr(image, "shape"):
+        raise TypeError(f"image must be a [1, C, H, W] tensor or an image source, got {type(image).__name__}")
+    shape = tuple(image.shape)
+    if len(shape) != 4 or shape[0] != 1:
+        raise ValueError(f"predict_slide takes one image of shape [1, C, H, W], got shape {list(shape)}: call "
+                         "it once per image (predict_slide(model, images[i:i + 1]))")
+
+
+def _checked_target(target: Any, classes: int) -> int:
+    """``target`` as a class index in ``[0, classes)``; anything else is refused."""
+    if isinstance(target, bool) or not isinstance(target, numbers.Integral) or not 0 <= target < classes:
+        raise ValueError(f"target must be a class index in 0..{classes - 1}, got {target!r}")
+    return int(target)

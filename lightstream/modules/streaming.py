@@ -51,12 +51,13 @@ from typing import Any, Self
 import lightning as L
 import torch
 from lightning.pytorch.utilities.model_helpers import is_overridden
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.utilities.rank_zero import rank_zero_only, rank_zero_warn
 from torch import Tensor, nn
 
 from ..core import ImageSource, StreamingCNN, StreamingError, as_source
 from ..core.graph import parameter_dtype
-from .tile_cache import TileCache, interior_tile_stride
+from .checkpoint import check_trunk_geometry, record_trunk_geometry
+from .tile_cache import TileCache, interior_tile_stride, warn_on_rank_zero
 
 __all__ = ["StreamingModule"]
 
@@ -70,6 +71,19 @@ def _freeze_batch_norm(module: nn.Module) -> None:
     for layer in module.modules():
         if isinstance(layer, nn.modules.batchnorm._BatchNorm):
             layer.eval()
+
+
+def _check_module_arguments(stream_network: Any, train_streaming_layers: Any, tile_cache_fname: Any) -> None:
+    """Refuse constructor arguments of the wrong kind before anything is built from them."""
+    if not isinstance(stream_network, nn.Module):
+        raise TypeError(f"stream_network must be an nn.Module (the trunk to stream), got "
+                        f"{type(stream_network).__name__} {stream_network!r:.60}")
+    if not isinstance(train_streaming_layers, bool):
+        raise TypeError(f"train_streaming_layers must be True or False, got {train_streaming_layers!r}")
+    if tile_cache_fname is not None and (not isinstance(tile_cache_fname, str) or tile_cache_fname in ("", "..")
+                                         or Path(tile_cache_fname).name != tile_cache_fname):
+        raise ValueError(f"tile_cache_fname must be a file name inside tile_cache_dir (no folders), "
+                         f"got {tile_cache_fname!r}")
 
 
 class StreamingModule(L.LightningModule):
@@ -99,6 +113,7 @@ class StreamingModule(L.LightningModule):
         **kwargs: Any,
     ) -> None:
         super().__init__()
+        _check_module_arguments(stream_network, train_streaming_layers, kwargs.get("tile_cache_fname"))
         self.train_streaming_layers = train_streaming_layers
         cache_dir = kwargs.pop("tile_cache_dir", None)
         self.tile_cache_dir: Path | None = None if cache_dir is None else Path(cache_dir)
@@ -276,7 +291,7 @@ class StreamingModule(L.LightningModule):
 
     def _warn_if_backward_pending(self) -> None:
         if self._awaiting_backward is not None:
-            logger.warning("forward_streaming: the previous detached feature map never went through "
+            rank_zero_warn("forward_streaming: the previous detached feature map never went through "
                            "backward_streaming, so the trunk got no gradient from it; discarding it")
             self._awaiting_backward = None
 
@@ -319,6 +334,21 @@ class StreamingModule(L.LightningModule):
         super().on_predict_start()
         self.prepare_start_for_streaming()
 
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Record the trunk's geometry in the checkpoint (call ``super()`` in overrides)."""
+        super().on_save_checkpoint(checkpoint)
+        record_trunk_geometry(checkpoint, self.stream_network)
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Refuse a checkpoint of a trunk with another geometry (call ``super()`` in overrides).
+
+        Raises:
+            TrunkGeometryError: the checkpoint's trunk had another output stride, receptive
+                field, dilation or wiring than this one (see :mod:`lightstream.modules.checkpoint`).
+        """
+        super().on_load_checkpoint(checkpoint)
+        check_trunk_geometry(checkpoint, self.stream_network)
+
     # ------------------------------------------------------------------ tile cache
     @property
     def tile_cache_path(self) -> Path | None:
@@ -345,8 +375,8 @@ class StreamingModule(L.LightningModule):
             return None
         current = self._tile_cache_record()
         if stored != current:
-            logger.warning("tile cache %s is stale (%s differ from this trunk); rebuilding it",
-                           path, ", ".join(stored.differences(current)))
+            warn_on_rank_zero("tile cache %s is stale (%s differ from this trunk); rebuilding it",
+                              path, ", ".join(stored.differences(current)))
             return None
         logger.debug("tile cache %s matches this trunk", path)
         return stored

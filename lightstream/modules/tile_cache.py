@@ -21,12 +21,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_only
 
 from ..core import StreamingCNN
 
 __all__ = ["TileCache", "interior_tile_stride"]
 
 logger = logging.getLogger(__name__)
+warn_on_rank_zero = rank_zero_only(logger.warning)
+"""``logger.warning`` on global rank 0 only: every rank reads the same file, one warning is enough."""
 
 _FORMAT = 1
 
@@ -103,18 +106,44 @@ class TileCache:
 
     @classmethod
     def read(cls, path: Path) -> TileCache | None:
-        """Read a record; ``None`` (with a warning) when the file is not a record of this format."""
+        """Read a record; ``None`` (with a warning naming the file) when it is not a record of this
+        format: not JSON, another format, a field missing or of the wrong type."""
         try:
             payload: Any = json.loads(path.read_text())
+            if not isinstance(payload, dict):
+                raise ValueError(f"a JSON {type(payload).__name__}, not an object")
             if payload.get("format") != _FORMAT:
                 raise ValueError(f"format {payload.get('format')!r}, expected {_FORMAT}")
-            values = {f.name: payload[f.name] for f in dataclasses.fields(cls)}
-        except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as err:
-            logger.warning("ignoring tile cache %s: not a lightstream tile cache (%s)", path, err)
+            values = {f.name: _field_value(f.name, f.type, payload) for f in dataclasses.fields(cls)}
+        except (OSError, UnicodeDecodeError, ValueError) as err:
+            warn_on_rank_zero("ignoring tile cache %s: not a lightstream tile cache (%s)", path, err)
             return None
-        for name in ("tile_size", "receptive_field", "output_stride", "tile_stride"):
-            values[name] = tuple(values[name])
         return cls(**values)
+
+
+def _field_value(name: str, annotation: Any, payload: dict[str, Any]) -> Any:
+    """The record's field ``name`` from the JSON ``payload``, checked against its annotation.
+
+    Raises:
+        ValueError: the field is missing or of another type (naming it and what was found).
+    """
+    if name not in payload:
+        raise ValueError(f"field {name!r} is missing")
+    value = payload[name]
+    if annotation == "str":
+        if isinstance(value, str):
+            return value
+        raise ValueError(f"field {name!r} is {value!r}, expected a string")
+    if annotation == "tuple[int, int]":
+        if _is_int_pair(value):
+            return tuple(value)
+        raise ValueError(f"field {name!r} is {value!r}, expected a list of two integers")
+    raise TypeError(f"TileCache.{name} is annotated {annotation!r}, which the reader cannot check")
+
+
+def _is_int_pair(value: Any) -> bool:
+    return (isinstance(value, list) and len(value) == 2
+            and all(isinstance(v, int) and not isinstance(v, bool) for v in value))
 
 
 def _tensor_shapes(module: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:

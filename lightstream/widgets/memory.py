@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import logging
+import math
+import numbers
 import time
 from typing import Any
 
@@ -14,6 +16,8 @@ import torch
 from matplotlib.figure import Figure
 
 from lightstream.viz import MemorySample, plot_memory
+
+from .model import _is_positive_int
 
 __all__ = ["MemoryMonitor", "in_notebook_kernel"]
 
@@ -55,6 +59,7 @@ class MemoryMonitor(L.Callback):
     def __init__(self, live: bool | None = None, refresh_s: float = 1.0, log_every_n_steps: int | None = None,
                  dpi: int = 72) -> None:
         super().__init__()
+        _check_monitor_arguments(live, refresh_s, log_every_n_steps, dpi)
         self.live = live
         self.refresh_s = refresh_s
         self.log_every_n_steps = log_every_n_steps
@@ -139,6 +144,18 @@ class MemoryMonitor(L.Callback):
             trainer_logger.log_metrics(metrics, step=trainer.global_step)
         logger.info("step %d: %.3f s/step, RSS %.2f GiB%s", sample.step, sample.step_time, sample.rss / _GIB,
                     _gpu_peak_text([sample]))
+
+
+def _check_monitor_arguments(live: Any, refresh_s: Any, log_every_n_steps: Any, dpi: Any) -> None:
+    """Refuse arguments that would silently never plot, never log or fail at the first redraw."""
+    if live is not None and not isinstance(live, bool):
+        raise TypeError(f"live must be True, False or None (only in a notebook), got {live!r}")
+    if isinstance(refresh_s, bool) or not isinstance(refresh_s, numbers.Real) or not 0 <= refresh_s < math.inf:
+        raise ValueError(f"refresh_s must be a non-negative number of seconds, got {refresh_s!r}")
+    if log_every_n_steps is not None and not _is_positive_int(log_every_n_steps):
+        raise ValueError(f"log_every_n_steps must be a positive integer or None, got {log_every_n_steps!r}")
+    if not _is_positive_int(dpi):
+        raise ValueError(f"dpi must be a positive integer, got {dpi!r}")
 
 
 def _gpu_peak_text(history: list[MemorySample]) -> str:

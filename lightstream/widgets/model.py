@@ -6,8 +6,9 @@ Unit tests and scripts drive :class:`TileTunerModel` directly; the widget only r
 from __future__ import annotations
 
 import logging
+import numbers
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -102,6 +103,9 @@ class TileTunerModel:
         tile_size: int | None = None,
         thumbnail_size: int = 1024,
     ) -> None:
+        if tile_size is not None:
+            _check_positive_int(tile_size, "tile_size")
+        _check_positive_int(thumbnail_size, "thumbnail_size")
         self.target = streaming_network(model_or_trunk)
         self.trunk: nn.Module = self.target.stream_module if self.target is not None else model_or_trunk
         self.stage_options: dict[str, Any] = (
@@ -118,11 +122,8 @@ class TileTunerModel:
         geometry = self.engine.geometry
         self.minimum_tile_size: int = max(min(minimum[0], size[0]), min(minimum[1], size[1]))
         """The smallest tile side that works for this trunk (or its first stage) and image (px)."""
-        options = {int(t) for t in (tile_sizes if tile_sizes is not None else
-                                    default_tile_sizes(self.minimum_tile_size, max(geometry.output_stride),
-                                                       max(size)))}
-        if not options:
-            raise ValueError("tile_sizes is empty")
+        options = set(_positive_sides(tile_sizes, "tile_sizes") if tile_sizes is not None else
+                      default_tile_sizes(self.minimum_tile_size, max(geometry.output_stride), max(size)))
         if tile_size is None and self.target is not None:
             tile_size = self.target.tile_size[0]
         if tile_size is None:
@@ -245,8 +246,37 @@ def _minimum_tile(trunk: nn.Module, stage_options: dict[str, Any]) -> tuple[int,
     return (1, 1)
 
 
+def _positive_sides(values: Any, name: str) -> list[int]:
+    """``values`` as a non-empty list of positive integer sides (px); anything else is refused, naming ``name``."""
+    if isinstance(values, (str, bytes)) or not isinstance(values, Iterable):
+        raise TypeError(f"{name} must be a list of tile sides in pixels, got {values!r}")
+    sides = list(values)
+    if not sides:
+        raise ValueError(f"{name} is empty: give at least one tile side in pixels")
+    wrong = [v for v in sides if not _is_positive_int(v)]
+    if wrong:
+        raise ValueError(f"{name} must hold positive integers (pixels); these are not: {wrong}")
+    return [int(v) for v in sides]
+
+
+def _check_positive_int(value: Any, name: str) -> None:
+    if not _is_positive_int(value):
+        raise ValueError(f"{name} must be a positive integer (pixels), got {value!r}")
+
+
+def _is_positive_int(value: Any) -> bool:
+    return not isinstance(value, bool) and isinstance(value, numbers.Integral) and value >= 1
+
+
 def _image_shape(image: Any) -> tuple[int, int, int, int]:
-    """``(B, C, H, W)`` of anything :class:`TileTunerModel` accepts as an image."""
+    """``(B, C, H, W)`` of anything :class:`TileTunerModel` accepts as an image, every side positive."""
+    shape = _raw_image_shape(image)
+    if min(shape) < 1:
+        raise ValueError(f"the image's shape (B, C, H, W) must be positive, got {shape}")
+    return shape
+
+
+def _raw_image_shape(image: Any) -> tuple[int, int, int, int]:
     if isinstance(image, (tuple, list)):
         dims = tuple(int(v) for v in image)
         if len(dims) == 2:
@@ -257,6 +287,9 @@ def _image_shape(image: Any) -> tuple[int, int, int, int]:
     if isinstance(image, np.ndarray) and image.ndim in (2, 3):
         height, width = image.shape[:2]
         return 1, (image.shape[2] if image.ndim == 3 else 1), height, width
+    if not hasattr(image, "shape"):
+        raise TypeError(f"cannot tune for a {type(image).__name__}: give a tensor, an array, a size (H, W) or "
+                        "an opened slide (lightstream.data.open_slide)")
     shape = tuple(int(v) for v in image.shape)
     if isinstance(image, torch.Tensor) and len(shape) == 3:
         return (1, *shape)  # type: ignore[return-value]

@@ -103,17 +103,20 @@ def test_image_too_small_for_the_trunk_is_refused_with_its_size() -> None:
         scnn.plan((5, 5))
 
 
-def test_gradient_of_the_wrong_size_is_refused() -> None:
+def test_gradient_of_the_wrong_size_is_refused_quoting_the_feature_map_shape() -> None:
     scnn = StreamingCNN(nn.Sequential(nn.Conv2d(3, 4, 3)), tile_size=16)
     image = torch.randn(1, 3, 40, 40)
-    with pytest.raises(ValueError, match="feature map of this image is"):
+    scnn(image)
+    with pytest.raises(ValueError, match=r"feature map the forward returned has shape \(1, 4, 38, 38\)"):
         scnn.backward(image, torch.zeros(1, 4, 10, 10))
 
 
 def test_missing_gradient_explains_requires_grad() -> None:
     scnn = StreamingCNN(nn.Sequential(nn.Conv2d(3, 4, 3)), tile_size=16)
+    image = torch.randn(1, 3, 40, 40)
+    scnn(image)
     with pytest.raises(ValueError, match="requires_grad_"):
-        scnn.backward(torch.randn(1, 3, 40, 40), None)
+        scnn.backward(image, None)
 
 
 def test_replacing_a_layer_rebuilds_the_geometry_instead_of_using_a_stale_one() -> None:

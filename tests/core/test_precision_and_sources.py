@@ -82,6 +82,7 @@ def test_lazy_uint8_source_with_normalisation_streams_exactly_like_the_tensor() 
     scnn.backward(source, grad)
     lazy_grads = [p.grad.clone() for p in trunk.parameters()]
     trunk.zero_grad(set_to_none=True)
+    scnn(pixels)
     scnn.backward(pixels, grad)
     for lazy, eager in zip(lazy_grads, trunk.parameters()):
         assert torch.equal(lazy, eager.grad)

@@ -1,0 +1,193 @@
+"""Executing a :class:`~lightstream.core.planner.StreamPlan`: tiled forward and backward.
+
+Forward: every tile of a stage's plan runs the stage without an autograd graph and writes the
+feature-map pixels it owns into the stitched map, stage after stage.
+
+Backward: every tile runs again, this time with a graph, and receives the slice of the output
+gradient for the pixels it owns. A tile computes its pixels as exactly the same function of the
+weights and the image as the whole-image network does (see :mod:`lightstream.core.graph`), and
+the tiles' pixels partition the feature map, so the sum of the tiles' gradients *is* the
+whole-image gradient: every weight-gradient contribution is counted exactly once, for every
+parameter, at any batch size. The image gradient is the sum of the tiles' input gradients.
+With stages, the backward streams them in reverse, each producing the exact gradient of its
+input map for the stage before it. A stage of one tile keeps its graph from its forward (it fits
+the tile budget by construction), so its backward needs no recomputation.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import torch
+from tqdm.auto import tqdm
+
+from .errors import StreamingError
+from .geometry import Tile, TilePlan
+from .graph import crop_to
+from .inputs import Autocast, TilePreparer
+from .planner import StreamPlan
+from .source import ImageSource, TensorSource
+from .stages import StagePlan
+
+__all__ = ["Executor", "Kept", "TileGraph"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TileGraph:
+    """A single tile's live autograd graph: the tile, its input leaf and its output."""
+
+    tile: Tile
+    leaf: torch.Tensor
+    output: torch.Tensor
+
+
+@dataclass
+class Kept:
+    """What the forward keeps for one stage's backward: its input map, or its whole graph."""
+
+    input_map: torch.Tensor | None = None
+    graph: TileGraph | None = None
+
+
+Gradients = list[torch.Tensor | None]
+
+
+class Executor:
+    """Runs plans tile by tile; ``prepare`` moves, casts and normalises each raw tile."""
+
+    def __init__(self, prepare: TilePreparer, progress: bool = False) -> None:
+        self.prepare = prepare
+        self.progress = progress
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, plan: StreamPlan, source: ImageSource, keep: bool, want_image_grad: bool = False
+                ) -> tuple[torch.Tensor, list[Kept]]:
+        """Stream every stage; with ``keep``, also return what each stage's backward needs."""
+        kept: list[Kept] = []
+        out = torch.empty(0)
+        for index, stage_plan in enumerate(plan.stages):
+            input_map = source.image if keep and index > 0 else None  # type: ignore[attr-defined]
+            keep_graph = keep and len(stage_plan.plan) == 1 and (index > 0 or want_image_grad or any(
+                p.requires_grad for p in stage_plan.stage.module.parameters()))
+            out, graph = self._forward_stage(stage_plan, source, index == 0, keep_graph)
+            kept.append(Kept(input_map, graph))
+            source = TensorSource(out)
+        return out, kept
+
+    def _forward_stage(self, stage_plan: StagePlan, source: ImageSource, first: bool, keep_graph: bool
+                       ) -> tuple[torch.Tensor, TileGraph | None]:
+        plan = stage_plan.plan
+        if keep_graph:
+            (tile, raw), = self._load_tiles(source, plan, "forward")
+            with torch.enable_grad():
+                leaf, x = self.prepare(raw, first, requires_grad=True)
+                y = self._run_tile(stage_plan, tile, x)
+            return y.detach(), TileGraph(tile, leaf, y)
+        out: torch.Tensor | None = None
+        for tile, raw in self._load_tiles(source, plan, "forward"):
+            y = self._run_tile(stage_plan, tile, self.prepare(raw, first)[1])
+            if out is None:
+                out = y.new_empty((y.shape[0], y.shape[1], *plan.output_size))
+            out[:, :, tile.output.rows, tile.output.cols] = y
+        assert out is not None
+        return out, None
+
+    def _run_tile(self, stage_plan: StagePlan, tile: Tile, x: torch.Tensor) -> torch.Tensor:
+        box, want = tile.input, tile.output
+        y, rows, cols = stage_plan.stage.graph.run(x, (box.top, box.bottom), (box.left, box.right),
+                                                   stage_plan.plan.layer_sizes)
+        if rows[0] > want.top or rows[1] < want.bottom or cols[0] > want.left or cols[1] < want.right:
+            raise StreamingError(f"internal error: tile {tile.index} computed rows {rows} cols {cols} "
+                                 f"but owns {want}; please report this trunk")
+        return crop_to(y, (rows, cols), ((want.top, want.bottom), (want.left, want.right)))
+
+    def _load_tiles(self, source: ImageSource, plan: TilePlan, what: str) -> Iterator[tuple[Tile, torch.Tensor]]:
+        tiles = plan.tiles
+        bar = tqdm(tiles, desc=f"streaming {what}", unit="tile", disable=not self.progress, leave=False)
+        if isinstance(source, TensorSource):
+            for tile in bar:
+                yield tile, source.read(tile.input.rows, tile.input.cols)
+            return
+        # A lazy source (a slide on disk): read the next tile while this one computes.
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            pending = pool.submit(source.read, tiles[0].input.rows, tiles[0].input.cols)
+            for index, tile in enumerate(bar):
+                x = pending.result()
+                if index + 1 < len(tiles):
+                    nxt = tiles[index + 1].input
+                    pending = pool.submit(source.read, nxt.rows, nxt.cols)
+                yield tile, x
+
+    # ------------------------------------------------------------------ backward
+    def backward(self, plan: StreamPlan, source: ImageSource, grad: torch.Tensor, kept: list[Kept] | None,
+                 params: list[torch.Tensor], want_image_grad: bool, autocast: Autocast
+                 ) -> tuple[Gradients, torch.Tensor | None]:
+        """Gradients of ``params`` (and of the image) for feature-map gradient ``grad``."""
+        if kept is None and len(plan.stages) > 1:  # no kept stage maps: recompute them
+            logger.debug("recomputing %d stage maps for the backward", len(plan.stages) - 1)
+            with torch.no_grad(), autocast():
+                kept = self.forward(plan, source, True, want_image_grad)[1]
+        totals: dict[int, torch.Tensor] = {}
+        for index in range(len(plan.stages) - 1, -1, -1):
+            state = kept[index] if kept is not None else Kept()
+            stage_plan = plan.stages[index]
+            stage_params = [p for p in stage_plan.stage.module.parameters() if p.requires_grad]
+            want_input = index > 0 or want_image_grad
+            if not stage_params and not want_input:
+                continue
+            stage_source = source if index == 0 else TensorSource(state.input_map)  # type: ignore[arg-type]
+            if state.graph is not None:
+                stage_grads, grad = self._backward_graph(state.graph, stage_source, grad, stage_params, want_input)
+            else:
+                stage_grads, grad = self._backward_stage(stage_plan, stage_source, grad, stage_params,
+                                                         want_input, autocast, first=index == 0)
+            for param, g in zip(stage_params, stage_grads):
+                if g is not None:
+                    totals[id(param)] = g if id(param) not in totals else totals[id(param)].add_(g)
+            if kept is not None:
+                kept[index] = Kept()  # free the stage's map or graph as soon as possible
+        return [totals.get(id(p)) for p in params], grad if want_image_grad else None
+
+    def _backward_graph(self, graph: TileGraph, source: ImageSource, grad: torch.Tensor,
+                        params: list[torch.Tensor], want_input_grad: bool) -> tuple[Gradients, torch.Tensor | None]:
+        """Backward of a single-tile stage whose forward graph was kept."""
+        inputs = params + ([graph.leaf] if want_input_grad else [])
+        y = graph.output
+        grads = torch.autograd.grad(y, inputs, grad.to(device=y.device, dtype=y.dtype), allow_unused=True)
+        if not want_input_grad:
+            return list(grads), None
+        input_grad = _zeros_like_source(source, graph.leaf.dtype)
+        input_grad[:, :, graph.tile.input.rows, graph.tile.input.cols] = grads[-1]  # the tile may not read every pixel
+        return list(grads[:-1]), input_grad
+
+    def _backward_stage(self, stage_plan: StagePlan, source: ImageSource, grad: torch.Tensor,
+                        params: list[torch.Tensor], want_input_grad: bool, autocast: Autocast, first: bool
+                        ) -> tuple[Gradients, torch.Tensor | None]:
+        totals: Gradients = [None] * len(params)
+        input_grad: torch.Tensor | None = None
+        for tile, raw in self._load_tiles(source, stage_plan.plan, "backward"):
+            with torch.enable_grad(), autocast():  # enable_grad: autograd's backward runs without it
+                leaf, x = self.prepare(raw, first, requires_grad=want_input_grad)
+                y = self._run_tile(stage_plan, tile, x)
+            g = grad[:, :, tile.output.rows, tile.output.cols].to(device=y.device, dtype=y.dtype)
+            inputs = params + ([leaf] if want_input_grad else [])
+            tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
+            for index, tg in enumerate(tile_grads[:len(params)]):
+                if tg is not None:
+                    totals[index] = tg if totals[index] is None else totals[index].add_(tg)
+            if want_input_grad:
+                if input_grad is None:
+                    input_grad = _zeros_like_source(source, leaf.dtype)
+                input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1].to(input_grad.device)
+        return totals, input_grad
+
+
+def _zeros_like_source(source: ImageSource, dtype: torch.dtype) -> torch.Tensor:
+    """A zero gradient for the whole source, where it lives (a lazy source: host memory)."""
+    device = source.image.device if isinstance(source, TensorSource) else torch.device("cpu")
+    return torch.zeros(source.shape, dtype=dtype, device=device)
