@@ -16,6 +16,12 @@ name, check them, return the windows or the new axis order), produces the op's
 :class:`OpGeometry` or raises :class:`~lightstream.core.errors.UnsupportedLayerError` naming
 the module path. The table of ops (:mod:`lightstream.core.op_table`) pairs each module type,
 function and method with its family and rule, so adding an operation is one entry there.
+
+A family with another geometry (resampling by a rational factor, say) is a new
+:class:`Family` subclass and :class:`Crop`: its per-axis geometry offers what ``Window``
+offers (``stride``, ``out_len``, ``exact_out``, ``needed_in``), so the graph's interval
+arithmetic and :class:`~lightstream.core.geometry.Geometry` take it unchanged, and
+:meth:`~lightstream.core.graph.TrunkGraph.run` gains the one runner for its crop.
 """
 
 from __future__ import annotations
