@@ -43,11 +43,10 @@ def call_arguments(node: fx.Node, root: torch.nn.Module, stub: Callable[..., Any
         normalized = _normalized(node, root, *_argument_types(node, example))
     if normalized is not None:
         return dict(normalized.kwargs)
-    for signature_of in (stub, node.target if callable(node.target) else None):
-        bound = _bind(signature_of, node) if signature_of is not None else None
-        if bound is not None:
-            return bound
-    return None
+    bound = _bind(stub, node, variadic=True) if stub is not None else None
+    if bound is None and callable(node.target):
+        bound = _bind(node.target, node, variadic=False)
+    return bound
 
 
 def _normalized(node: fx.Node, root: torch.nn.Module, arg_types: tuple | None, kwarg_types: dict | None
@@ -74,10 +73,15 @@ def _argument_types(node: fx.Node, example: Callable[[fx.Node], Any] | None) -> 
     return tuple(type_of(a) for a in node.args), {k: type_of(v) for k, v in node.kwargs.items()}
 
 
-def _bind(function: Callable[..., Any], node: fx.Node) -> dict[str, Any] | None:
+def _bind(function: Callable[..., Any], node: fx.Node, variadic: bool) -> dict[str, Any] | None:
+    """Bind the call to ``function``'s signature; one that is not a stub must name every
+    parameter (a ``*args, **kwargs`` wrapper would bind anything and name nothing)."""
     try:
         signature = inspect.signature(function)
     except (TypeError, ValueError):  # a builtin without a Python signature
+        return None
+    kinds = {p.kind for p in signature.parameters.values()}
+    if not variadic and kinds & {inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD}:
         return None
     try:
         bound = signature.bind(*node.args, **node.kwargs)

@@ -103,7 +103,6 @@ class TrunkGraph:
         self._modules = dict(trunk.named_modules())
         self._examples: dict[fx.Node, Any] = {}
         self.output = -1
-        self._refuse_random_draws(graph)
         for node in graph.nodes:
             self._add(node)
         if self.output < 0:
@@ -118,19 +117,18 @@ class TrunkGraph:
                 self._released_after[max(readers, default=index)].append(index)
 
     # ------------------------------------------------------------------ tracing and validation
-    def _refuse_random_draws(self, graph: fx.Graph) -> None:
-        """Refuse the first call that draws random numbers, before any other check, so noise
-        added to the image is reported as random rather than as some non-local op."""
-        for node in graph.nodes:
-            if node.op in ("call_module", "call_function", "call_method"):
-                target, op = lookup(node, self._modules)
-                call = OpCall(node=node, path=_node_path(node), target=target, root=self.trunk,
-                              stub=op.signature if op is not None else None)
-                reason = random_draw(call, op)
-                if reason is not None:
-                    call.refuse(reason)
+    def _refuse_random_draw(self, node: fx.Node) -> None:
+        """Refuse a call that draws random numbers (see :mod:`lightstream.core.randomness`)."""
+        if node.op in ("call_module", "call_function", "call_method"):
+            target, op = lookup(node, self._modules)
+            call = OpCall(node=node, path=_node_path(node), target=target, root=self.trunk,
+                          stub=op.signature if op is not None else None)
+            reason = random_draw(call, op)
+            if reason is not None:
+                call.refuse(reason)
 
     def _add(self, node: fx.Node) -> None:
+        self._refuse_random_draw(node)
         spatial_inputs = [n for n in node.all_input_nodes if self.steps[self._index[n]].spatial]
         path = _node_path(node)
         if node.op == "placeholder":
@@ -144,7 +142,12 @@ class TrunkGraph:
             step = Step(name=node.name, path=path, node=node, spatial=False, target=node.target)
             self._examples[node] = self._evaluate_static(node, path)
         else:
-            step = self._classify(node, path, spatial_inputs)
+            try:
+                step = self._classify(node, path, spatial_inputs)
+            except UnsupportedLayerError:
+                for user in node.users:  # torch.randn(x.shape): the draw is the problem, not the shape
+                    self._refuse_random_draw(user)
+                raise
         self._index[node] = len(self.steps)
         self.steps.append(step)
 

@@ -278,6 +278,7 @@ _ENTRIES: list[tuple[tuple[Any, ...], Op]] = [
       nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, F.interpolate, F.pixel_shuffle,
       F.pixel_unshuffle, F.conv_transpose2d), Op(REFUSED, reason=_GRID)),
     ((torch.mean, torch.sum), Op(REFUSED, reason=_REDUCTION)),
+    ((F.max_pool2d_with_indices,), Op(REFUSED, reason="max pooling with return_indices is not supported")),
 ]
 
 OPS: dict[Any, Op] = {key: op for keys, op in _ENTRIES for key in keys}

@@ -1,19 +1,18 @@
 """Random draws inside the streamed trunk, found and refused at construction.
 
 The backward pass recomputes every tile, and the trace replays the trunk tile by tile: a
-dropout mask or noise drawn in ``forward`` would be drawn anew for each tile and again in the
-backward, so neither the tiles nor the gradient would match any whole-image pass (and an
-image-independent draw, evaluated once at trace time, would freeze one draw into every step).
-So a trunk that draws random numbers is refused, naming where.
+dropout mask or noise drawn in ``forward`` (on the feature map or not) would be drawn anew for
+each tile and again in the backward, so neither the tiles nor the gradient would match any
+whole-image pass. So a trunk that draws random numbers is refused, naming where.
 
 Which operators draw is torch's own knowledge, not a list kept here: ATen tags every seeded
 random operator (``rand``, ``randn_like``, ``bernoulli_``, ``normal_``, ``dropout`` ...) with
-:attr:`torch.Tag.nondeterministic_seeded`. A traced call is checked by its name against those
-tags before anything else (so noise on the image is refused as random, not as some other
-non-local op), and the image-independent steps, which are evaluated for real at trace time,
-run under :class:`SeededDraws`, which sees every operator dispatched, also inside wrapped
-Python functions fx does not look into. Spatial steps need no such probe: each one is an
-entry of the op table (everything else is refused), and the few entries that can draw
+:attr:`torch.Tag.nondeterministic_seeded`. Each traced call is checked by its name against
+those tags before its own checks, in graph order (a size read that only feeds a draw, as in
+``torch.randn(x.shape)``, reports the draw). The image-independent steps, evaluated for real
+at trace time, run under :class:`SeededDraws`, which sees every operator dispatched, also
+inside Python functions fx does not look into. Spatial steps need no such probe: each one is
+an entry of the op table (everything else is refused), and the few entries that can draw
 (dropout, ``RReLU``, stochastic depth) state when they do.
 """
 
@@ -26,7 +25,7 @@ import torch
 import torch.fx as fx
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["SeededDraws", "random_reason", "seeded_operator"]
+__all__ = ["SeededDraws", "random_reason", "seeded_operator", "traced_name"]
 
 
 @functools.cache

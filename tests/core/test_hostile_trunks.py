@@ -119,8 +119,8 @@ def test_dropout_with_p_zero_in_training_mode_streams_exactly() -> None:
     assert_streaming_exact(trunk, torch.randn(2, 3, 40, 36, dtype=torch.float64), 24)
 
 
-def test_a_random_draw_is_reported_before_the_non_local_op_it_feeds() -> None:
-    # x.shape is read before torch.randn: the refusal must name the draw, not the shape read
+def test_a_random_draw_is_reported_instead_of_the_size_read_that_feeds_it() -> None:
+    # x.shape (not local on its own) is read before torch.randn: the refusal names the draw
     class ShapedNoise(nn.Module):
         def forward(self, x: torch.Tensor) -> torch.Tensor:
             return x + torch.randn(x.shape, dtype=x.dtype)

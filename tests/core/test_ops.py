@@ -10,6 +10,7 @@ import torch.fx as fx
 import torch.nn.functional as F
 from torch import nn
 
+from lightstream import UnsupportedLayerError
 from lightstream.core.arguments import call_arguments
 from lightstream.core.graph import TrunkGraph
 from lightstream.core.op_table import OPS
@@ -133,3 +134,15 @@ def test_functional_calls_with_keyword_arguments_stream_exactly() -> None:
         Window(3, 2, 1, 1, 1), Window(3, 1, 2, 2, 2), Window(3, 2, 1, 1, 1), Window(3, 1, 1, 1, 1, True)]
     assert [s.window[1] for s in steps if s.window is not None][1] == Window(3, 1, 2, 1, 1)
     assert_streaming_exact(trunk, torch.randn(2, 3, 90, 78, dtype=torch.float64), 56)
+
+
+@pytest.mark.parametrize(("body", "why"), [
+    (lambda x: F.max_pool2d(x, kernel_size=2, return_indices=True)[0], "return_indices"),
+    (lambda x: torch.cat(dim=-1, tensors=[x, x]), "concatenates along a spatial axis"),
+    (lambda x: F.layer_norm(x, normalized_shape=(7,)), "normalises over the spatial axes"),
+    (lambda x: F.batch_norm(x.transpose(dim0=1, dim1=2), torch.zeros(4), torch.ones(4)), "channels at axis 1"),
+    (lambda x: F.batch_norm(x, torch.zeros(4), torch.ones(4), training=True), "training mode"),
+], ids=["max-pool-indices", "cat-over-width", "layer-norm-over-space", "batch-norm-permuted", "batch-norm-training"])
+def test_keyword_calls_that_are_not_local_are_refused_naming_the_call(body, why: str) -> None:
+    with pytest.raises(UnsupportedLayerError, match=rf"layer 'body \(\w+\)': .*{why}"):
+        TrunkGraph(Call(_Lambda(body)))
