@@ -16,7 +16,6 @@ missing neighbour, which is what makes the streamed backward exact without any b
 from __future__ import annotations
 
 import itertools
-import operator
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -27,69 +26,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import UnsupportedLayerError
+from .op_table import lookup, random_draw, resolve
+from .ops import Crop, OpCall
+from .randomness import SeededDraws, random_reason
 from .window import Window
 
 __all__ = ["TrunkGraph", "Step", "Span", "crop_to", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
-
-_INPLACE = {
-    operator.iadd: operator.add,
-    operator.isub: operator.sub,
-    operator.imul: operator.mul,
-    operator.itruediv: operator.truediv,
-}
-_INPLACE_METHODS = {"add_": "add", "sub_": "sub", "mul_": "mul", "div_": "div", "relu_": "relu",
-                    "clamp_": "clamp", "sigmoid_": "sigmoid", "tanh_": "tanh"}
-
-_POINTWISE_MODULES: tuple[type[nn.Module], ...] = (
-    nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU, nn.SiLU, nn.Mish,
-    nn.Hardswish, nn.Hardsigmoid, nn.Hardtanh, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Softsign,
-    nn.Tanhshrink, nn.Threshold, nn.Identity, nn.LocalResponseNorm,
-)
-_POINTWISE_FUNCTIONS: set[Any] = {
-    F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
-    F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh,
-    torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip,
-    torch.erf, torch.neg, operator.neg, operator.pos, torch.pow, operator.pow,
-}
-_ELEMENTWISE_FUNCTIONS: set[Any] = {
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-    torch.div, torch.maximum, torch.minimum, torch.where,
-}
-_POINTWISE_METHODS = {
-    "relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clip", "sqrt", "square", "pow",
-    "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
-    "add", "sub", "mul", "div",
-}
-_NONLOCAL_MODULES: dict[tuple[type[nn.Module], ...], str] = {
-    (nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-     nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d):
-        "adaptive/global pooling combines the whole feature map; end the trunk before it and "
-        "apply it in the head, on the stitched feature map",
-    (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d):
-        "it normalises with statistics over all positions of the image; use BatchNorm in eval "
-        "mode, a channel LayerNorm, or move it to the head",
-    (nn.MultiheadAttention,): "attention mixes all positions of the feature map",
-    (nn.Flatten, nn.Unflatten): "it reshapes the spatial axes, so positions no longer stay apart",
-    (nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle,
-     nn.PixelUnshuffle, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d):
-        "it changes the spatial grid in a way lightstream does not stream (only convolutions "
-        "and pooling are supported)",
-}
-_NONLOCAL_FUNCTIONS: dict[Any, str] = {
-    F.adaptive_avg_pool2d: _NONLOCAL_MODULES[(nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
-                                               nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                                               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)],
-    F.group_norm: "it normalises with statistics over all positions of the image",
-    F.instance_norm: "it normalises with statistics over all positions of the image",
-    F.interpolate: "resampling changes the spatial grid in a way lightstream does not stream",
-    torch.flatten: "it reshapes the spatial axes, so positions no longer stay apart",
-    torch.mean: "a reduction over the feature map is global; do it in the head",
-    torch.sum: "a reduction over the feature map is global; do it in the head",
-}
-
 
 @dataclass
 class Step:
@@ -102,6 +47,10 @@ class Step:
         window: the sliding windows along height and width, for convolutions and pooling.
         dims: positions of the height and width axes in this step's output tensor.
         inputs: indices of the spatial steps this step reads.
+        target: what runs: the module, the function or the method name.
+        family: the op family that accepted it (:mod:`lightstream.core.op_table`); ``""`` for
+            the input and image-independent steps.
+        crop: how a tile's operands are cut before it runs.
     """
 
     name: str
@@ -112,6 +61,8 @@ class Step:
     dims: tuple[int, int] = (2, 3)
     inputs: tuple[int, ...] = ()
     target: Any = None
+    family: str = ""
+    crop: Crop = Crop.MERGE
 
 
 def _node_path(node: fx.Node) -> str:
@@ -123,41 +74,6 @@ def _node_path(node: fx.Node) -> str:
         owner = stack[owner][0] if isinstance(stack[owner], tuple) else owner
         return f"{owner} ({node.name})" if owner else node.name
     return node.name
-
-
-def _arg(node: fx.Node, index: int, name: str, default: Any) -> Any:
-    if len(node.args) > index:
-        return node.args[index]
-    return node.kwargs.get(name, default)
-
-
-def _pair(value: Any) -> tuple[int, int]:
-    if isinstance(value, (tuple, list)):
-        return (int(value[0]), int(value[-1]))
-    return (int(value), int(value))
-
-
-def _conv_windows(kernel: Any, stride: Any, padding: Any, dilation: Any) -> tuple[Window, Window]:
-    k, s, d = _pair(kernel), _pair(stride), _pair(dilation)
-    windows = []
-    for axis in range(2):
-        if padding == "valid":
-            before = after = 0
-        elif padding == "same":
-            total = d[axis] * (k[axis] - 1)
-            before, after = total // 2, total - total // 2
-        else:
-            before = after = _pair(padding)[axis]
-        windows.append(Window(k[axis], s[axis], d[axis], before, after))
-    return windows[0], windows[1]
-
-
-def _pool_windows(kernel: Any, stride: Any, padding: Any, dilation: Any, ceil_mode: bool
-                  ) -> tuple[Window, Window]:
-    k = _pair(kernel)
-    s = _pair(stride) if stride not in (None, (), []) else k
-    p, d = _pair(padding), _pair(dilation)
-    return tuple(Window(k[a], s[a], d[a], p[a], p[a], bool(ceil_mode)) for a in range(2))  # type: ignore[return-value]
 
 
 class TrunkGraph:
@@ -201,188 +117,72 @@ class TrunkGraph:
                 self._released_after[max(readers, default=index)].append(index)
 
     # ------------------------------------------------------------------ tracing and validation
+    def _refuse_random_draw(self, node: fx.Node) -> None:
+        """Refuse a call that draws random numbers (see :mod:`lightstream.core.randomness`)."""
+        if node.op in ("call_module", "call_function", "call_method"):
+            target, op = lookup(node, self._modules)
+            call = OpCall(node=node, path=_node_path(node), target=target, root=self.trunk,
+                          stub=op.signature if op is not None else None)
+            reason = random_draw(call, op)
+            if reason is not None:
+                call.refuse(reason)
+
     def _add(self, node: fx.Node) -> None:
+        self._refuse_random_draw(node)
         spatial_inputs = [n for n in node.all_input_nodes if self.steps[self._index[n]].spatial]
         path = _node_path(node)
         if node.op == "placeholder":
             if any(s.spatial for s in self.steps):
                 raise UnsupportedLayerError(path, "the trunk must take exactly one input, the image")
-            step = Step(node.name, "input", node, spatial=True)
+            step = Step(name=node.name, path="input", node=node, spatial=True)
         elif node.op == "output":
-            value = node.args[0]
-            if not isinstance(value, fx.Node) or not self.steps[self._index[value]].spatial:
-                raise UnsupportedLayerError(path, "the trunk must return a single feature map tensor")
-            if self.steps[self._index[value]].dims != (2, 3):
-                raise UnsupportedLayerError(path, "the trunk must return a [B, C, H, W] feature map")
-            self.output = self._index[value]
+            self._set_output(node, path)
             return
         elif not spatial_inputs:
-            step = Step(node.name, path, node, spatial=False, target=node.target)
-            self._examples[node] = self._evaluate_static(node)
+            step = Step(name=node.name, path=path, node=node, spatial=False, target=node.target)
+            self._examples[node] = self._evaluate_static(node, path)
         else:
-            step = self._classify(node, path, [self._index[n] for n in spatial_inputs])
+            try:
+                step = self._classify(node, path, spatial_inputs)
+            except UnsupportedLayerError:
+                for user in node.users:  # torch.randn(x.shape): the draw is the problem, not the shape
+                    self._refuse_random_draw(user)
+                raise
         self._index[node] = len(self.steps)
         self.steps.append(step)
 
-    def _evaluate_static(self, node: fx.Node) -> Any:
-        with torch.no_grad():
-            return self._call(node, node.target, lambda n: self._examples[n])
+    def _set_output(self, node: fx.Node, path: str) -> None:
+        value = node.args[0]
+        if not isinstance(value, fx.Node) or not self.steps[self._index[value]].spatial:
+            raise UnsupportedLayerError(path, "the trunk must return a single feature map tensor")
+        if self.steps[self._index[value]].dims != (2, 3):
+            raise UnsupportedLayerError(path, "the trunk must return a [B, C, H, W] feature map")
+        self.output = self._index[value]
 
-    def _classify(self, node: fx.Node, path: str, inputs: list[int]) -> Step:
+    def _evaluate_static(self, node: fx.Node, path: str) -> Any:
+        """Evaluate an image-independent step once, watching for random draws the name check
+        cannot see (inside a Python function fx did not trace into)."""
+        with torch.no_grad(), SeededDraws() as draws:
+            value = self._call(node, node.target, lambda n: self._examples[n])
+        if draws.drawn:
+            raise UnsupportedLayerError(path, random_reason(", ".join(sorted(set(draws.drawn)))))
+        return value
+
+    def _classify(self, node: fx.Node, path: str, spatial_inputs: list[fx.Node]) -> Step:
+        """The step of a call on the feature map, as its entry in the op table states it."""
+        inputs = [self._index[n] for n in spatial_inputs]
         dims = {self.steps[i].dims for i in inputs}
         if len(dims) > 1:
             raise UnsupportedLayerError(path, "it combines feature maps with different axis orders")
-        (hw,) = dims
-        target = node.target
-        if node.op == "call_module":
-            return self._classify_module(node, path, inputs, hw, self._modules[str(target)])
-        if node.op == "call_function":
-            target = _INPLACE.get(target, target)
-            if target in _NONLOCAL_FUNCTIONS:
-                raise UnsupportedLayerError(path, _NONLOCAL_FUNCTIONS[target])
-            if target in (F.conv2d, torch.conv2d):
-                weight = self._examples.get(_arg(node, 1, "weight", None))
-                if weight is None:
-                    raise UnsupportedLayerError(path, "the convolution weight depends on the image")
-                window = _conv_windows(tuple(weight.shape[-2:]), _arg(node, 3, "stride", 1),
-                                       _arg(node, 4, "padding", 0), _arg(node, 5, "dilation", 1))
-                return self._window_step(node, path, inputs, hw, window, target)
-            if target in (F.max_pool2d, torch.max_pool2d):
-                if _arg(node, 6, "return_indices", False):
-                    raise UnsupportedLayerError(path, "max pooling with return_indices is not supported")
-                window = _pool_windows(_arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
-                                       _arg(node, 3, "padding", 0), _arg(node, 4, "dilation", 1),
-                                       _arg(node, 5, "ceil_mode", False))
-                return self._window_step(node, path, inputs, hw, window, target)
-            if target is F.avg_pool2d:
-                window = _pool_windows(_arg(node, 1, "kernel_size", None), _arg(node, 2, "stride", None),
-                                       _arg(node, 3, "padding", 0), 1, _arg(node, 4, "ceil_mode", False))
-                return self._window_step(node, path, inputs, hw, window, target)
-            if target in (torch.cat, torch.concat, torch.concatenate):
-                self._require_free_axis(path, hw, _arg(node, 1, "dim", 0), "concatenates along")
-                return Step(node.name, path, node, True, None, hw, tuple(inputs), target)
-            if target in (torch.permute, torch.transpose):
-                return self._layout_step(node, path, inputs, hw, target)
-            if target is F.layer_norm:
-                shape = _arg(node, 1, "normalized_shape", None)
-                self._require_free_trailing(path, hw, len(_pair_list(shape)), "normalises over")
-            elif target is F.linear:
-                self._require_free_trailing(path, hw, 1, "mixes")
-            elif target is F.batch_norm:
-                if _arg(node, 5, "training", False) or _arg(node, 1, "running_mean", None) is None:
-                    raise UnsupportedLayerError(path, _BATCHNORM_TRAINING)
-                self._require_channels_first(path, hw)
-            elif target in (F.dropout, F.dropout2d, F.alpha_dropout):
-                if _arg(node, 2, "training", True) and _arg(node, 1, "p", 0.5) > 0:
-                    raise UnsupportedLayerError(path, _RANDOM_IN_TRAINING)
-            elif getattr(target, "__name__", "") == "stochastic_depth":
-                if _arg(node, 3, "training", True) and _arg(node, 1, "p", 0.0) > 0:
-                    raise UnsupportedLayerError(path, _RANDOM_IN_TRAINING)
-            elif target not in _POINTWISE_FUNCTIONS and target not in _ELEMENTWISE_FUNCTIONS:
-                name = getattr(target, "__name__", str(target))
-                raise UnsupportedLayerError(path, f"lightstream cannot prove that {name}() is local "
-                                            "(position-wise or a sliding window)")
-            self._check_broadcast(node, path, hw)
-            return Step(node.name, path, node, True, None, hw, tuple(inputs), target)
-        if node.op == "call_method":
-            method = _INPLACE_METHODS.get(str(target), str(target))
-            if method in ("permute", "transpose"):
-                return self._layout_step(node, path, inputs, hw, method)
-            if method not in _POINTWISE_METHODS:
-                raise UnsupportedLayerError(path, f"lightstream cannot prove that .{method}() is local "
-                                            "(it may read the size or mix positions of the feature map)")
-            self._check_broadcast(node, path, hw)
-            return Step(node.name, path, node, True, None, hw, tuple(inputs), method)
-        raise UnsupportedLayerError(path, f"unsupported graph operation {node.op!r} on the feature map")
-
-    def _classify_module(self, node: fx.Node, path: str, inputs: list[int], hw: tuple[int, int],
-                         module: nn.Module) -> Step:
-        for types, reason in _NONLOCAL_MODULES.items():
-            if isinstance(module, types):
-                raise UnsupportedLayerError(path, reason)
-        kind = type(module).__name__
-        if isinstance(module, nn.Conv2d):
-            if type(module).forward is not nn.Conv2d.forward:
-                raise UnsupportedLayerError(path, f"{kind} overrides Conv2d.forward; lightstream can "
-                                            "only stream the standard convolution")
-            if module.padding_mode == "circular":
-                raise UnsupportedLayerError(path, "circular padding wraps around the whole image")
-            window = _conv_windows(module.kernel_size, module.stride, module.padding, module.dilation)
-            return self._window_step(node, path, inputs, hw, window, module)
-        if isinstance(module, nn.MaxPool2d):
-            if module.return_indices:
-                raise UnsupportedLayerError(path, "max pooling with return_indices is not supported")
-            window = _pool_windows(module.kernel_size, module.stride, module.padding,
-                                   module.dilation, module.ceil_mode)
-            return self._window_step(node, path, inputs, hw, window, module)
-        if isinstance(module, nn.AvgPool2d):
-            window = _pool_windows(module.kernel_size, module.stride, module.padding, 1, module.ceil_mode)
-            return self._window_step(node, path, inputs, hw, window, module)
-        if isinstance(module, nn.modules.batchnorm._BatchNorm):
-            if module.training or module.running_mean is None:
-                raise UnsupportedLayerError(path, _BATCHNORM_TRAINING)
-            self._require_channels_first(path, hw)
-        elif isinstance(module, nn.modules.dropout._DropoutNd):
-            if module.training and module.p > 0:
-                raise UnsupportedLayerError(path, _RANDOM_IN_TRAINING)
-        elif isinstance(module, nn.LayerNorm):
-            self._require_free_trailing(path, hw, len(module.normalized_shape), "normalises over")
-        elif isinstance(module, nn.Linear):
-            self._require_free_trailing(path, hw, 1, "mixes")
-        elif isinstance(module, nn.PReLU):
-            if module.num_parameters > 1:
-                self._require_channels_first(path, hw)
-        elif not isinstance(module, _POINTWISE_MODULES):
-            raise UnsupportedLayerError(path, f"lightstream cannot prove that {kind} is local "
-                                        "(position-wise or a sliding window); supported are "
-                                        "convolutions, pooling, activations and per-pixel layers")
-        return Step(node.name, path, node, True, None, hw, tuple(inputs), module)
-
-    def _window_step(self, node: fx.Node, path: str, inputs: list[int], hw: tuple[int, int],
-                     window: tuple[Window, Window], target: Any) -> Step:
-        if hw != (2, 3) or len(inputs) != 1 or node.args[0] is not self.steps[inputs[0]].node:
-            raise UnsupportedLayerError(path, "a convolution or pooling must read one [B, C, H, W] map")
-        return Step(node.name, path, node, True, window, hw, tuple(inputs), target)
-
-    def _layout_step(self, node: fx.Node, path: str, inputs: list[int], hw: tuple[int, int],
-                     target: Any) -> Step:
-        if target in ("permute", torch.permute):
-            order = [a for a in node.args[1:]] if node.op == "call_method" else _arg(node, 1, "dims", None)
-            if node.op == "call_method" and len(order) == 1 and isinstance(order[0], (tuple, list)):
-                order = list(order[0])
-            order = [int(a) % 4 for a in order]
-        else:
-            a, b = (int(x) % 4 for x in node.args[1:3])
-            order = list(range(4))
-            order[a], order[b] = order[b], order[a]
-        new = (order.index(hw[0]), order.index(hw[1]))
-        return Step(node.name, path, node, True, None, new, tuple(inputs), target)
-
-    def _require_free_axis(self, path: str, hw: tuple[int, int], dim: int, verb: str) -> None:
-        if int(dim) % 4 in hw:
-            raise UnsupportedLayerError(path, f"it {verb} a spatial axis of the feature map")
-
-    def _require_free_trailing(self, path: str, hw: tuple[int, int], count: int, verb: str) -> None:
-        if any(d >= 4 - count for d in hw):
-            raise UnsupportedLayerError(path, f"it {verb} the spatial axes (e.g. Linear over space); "
-                                        "only per-pixel (channel) operations are local")
-
-    def _require_channels_first(self, path: str, hw: tuple[int, int]) -> None:
-        if hw != (2, 3):
-            raise UnsupportedLayerError(path, "it expects channels at axis 1 but gets a permuted map")
-
-    def _check_broadcast(self, node: fx.Node, path: str, hw: tuple[int, int]) -> None:
-        for arg in node.all_input_nodes:
-            if self.steps[self._index[arg]].spatial:
-                continue
-            value = self._examples.get(arg)
-            if isinstance(value, torch.Tensor) and value.dim() > 0:
-                for d in hw:
-                    axis = d - (4 - value.dim())
-                    if axis >= 0 and value.shape[axis] != 1:
-                        raise UnsupportedLayerError(path, "it combines the feature map with a "
-                                                    "tensor that varies over space (e.g. a positional "
-                                                    "embedding), which is not local")
+        target, op = lookup(node, self._modules)
+        call = OpCall(node=node, path=path, target=target, root=self.trunk,
+                      stub=op.signature if op is not None else None, example=self._examples.get,
+                      dims=dims.pop(), spatial_inputs=spatial_inputs)
+        geometry = resolve(call, op)
+        assert op is not None and op.family.crop is not None, "resolve refuses ops outside the table"
+        return Step(name=node.name, path=path, node=node, spatial=True, window=geometry.window,
+                    dims=geometry.dims, inputs=tuple(inputs), target=target, family=op.family.name,
+                    crop=op.family.crop)
 
     # ------------------------------------------------------------------ execution
     def _call(self, node: fx.Node, target: Any, value: Callable[[fx.Node], Any], hooks: bool = True) -> Any:
@@ -474,7 +274,7 @@ class TrunkGraph:
             elif not step.inputs:
                 values[index], spans[index] = tile, (rows, cols)
             else:
-                if step.window is not None:
+                if step.crop is Crop.WINDOW:
                     source = step.inputs[0]
                     values[index], spans[index] = self._run_window(step, values[source], spans[source],
                                                                    sizes[source], lookup, hooks)
@@ -519,26 +319,11 @@ class TrunkGraph:
         x = _narrow(_narrow(x, 2, *starts[0]), 3, *starts[1])
         if pads[0] or pads[1]:
             x = F.pad(x, (pads[1], 0, pads[0], 0))
-        source = step.node.args[0]
+        source = self.steps[step.inputs[0]].node
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
         y = _narrow(y, 2, first[0], out_box[0][1] - out_box[0][0])
         y = _narrow(y, 3, first[1], out_box[1][1] - out_box[1][0])
         return y, (out_box[0], out_box[1])
-
-
-_BATCHNORM_TRAINING = (
-    "BatchNorm in training mode computes batch statistics over the whole image, which tiles "
-    "cannot reproduce; call .eval() on it (StreamingModule.freeze_streaming_normalization_layers "
-    "does this for you) so it uses its running statistics; its weight and bias still train exactly"
-)
-_RANDOM_IN_TRAINING = (
-    "it draws random numbers in training mode, so recomputing a tile in the backward pass would "
-    "see different randomness; set p=0 or call .eval() on it"
-)
-
-
-def _pair_list(shape: Any) -> list[int]:
-    return list(shape) if isinstance(shape, (tuple, list, torch.Size)) else [shape]
 
 
 def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)
