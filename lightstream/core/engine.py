@@ -130,10 +130,12 @@ class StreamingCNN(nn.Module):
         return self.planner.geometry
 
     def stream_plan(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> StreamPlan:
-        """The plan for a ``(B, C, H, W)`` (or ``(H, W)``) image with the current settings."""
+        """The plan for a ``(B, C, H, W)`` image (or one ``(C, H, W)``, or ``(H, W)``) with the current settings."""
         shape = tuple(int(v) for v in image_shape)
         if len(shape) == 2:
-            shape = (1, input_channels(self.stream_module) or 3, *shape)
+            shape = (input_channels(self.stream_module) or 3, *shape)
+        if len(shape) == 3:
+            shape = (1, *shape)
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, self.stages,  # type: ignore[arg-type]
@@ -141,11 +143,11 @@ class StreamingCNN(nn.Module):
         return self.planner.plan(request)
 
     def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
-        """Per stage: its tile size and tile plan, for a ``(B, C, H, W)`` (or ``(H, W)``) image."""
+        """Per stage: its tile size and tile plan, for a ``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)`` image."""
         return list(self.stream_plan(image_shape, dtype).stages)
 
     def plan(self, image_size: Sequence[int]) -> TilePlan:
-        """The tiles over the image (the first stage's plan) for ``(H, W)`` or ``(B, C, H, W)``."""
+        """The tiles over the image (the first stage's plan) for ``(B, C, H, W)``, ``(C, H, W)`` or ``(H, W)``."""
         return self.stream_plan(image_size).first
 
     def estimate(self, image_shape: Sequence[int], dtype: torch.dtype = torch.float32,

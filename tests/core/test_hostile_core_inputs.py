@@ -280,3 +280,9 @@ def test_a_trunk_changed_between_forward_and_backward_is_refused() -> None:
     trunk[1] = nn.Tanh()
     with pytest.raises(StaleForwardError, match="modules, train/eval modes or attributes changed"):
         scnn.backward(image, torch.ones_like(fmap))
+
+
+def test_plans_take_one_image_chw_or_hw_like_a_batch_of_one() -> None:
+    scnn = StreamingCNN(_trunk(), tile_size=16)
+    batch = scnn.plan((1, 3, 40, 36))
+    assert scnn.plan((3, 40, 36)) == batch and scnn.plan((40, 36)) == batch
