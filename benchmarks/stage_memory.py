@@ -17,7 +17,8 @@ import statistics
 import torch
 
 from lightstream import StreamingCNN, TileTooSmallError
-from train_step import DTYPES, MEAN, STD, build, make_image, timed_step
+from step_fixture import DTYPES, MEAN, STD, build, make_image
+from train_step import timed_step
 
 
 def main() -> None:

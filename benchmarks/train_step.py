@@ -22,6 +22,13 @@ CPU's counterpart of ``max_memory_allocated``, and what the estimate from the ge
 compiles kernels and fills caches, once per process). ``--reps 0`` skips the timing loop and
 reports the fresh process's single step time instead (for images too large to run twice).
 
+Dispatched operations: one more step of each configuration, untimed, runs under a
+``TorchDispatchMode`` that counts the aten operations it dispatches, forward and backward
+(``dispatch_count.py``; on a GPU nearly every one is a kernel launch, so this shows the per-tile
+overhead on any device). The column gives the count and its ratio to the whole-image step's;
+``--ops-breakdown`` prints the ten most frequent operations of each configuration after the
+table, ``--no-ops`` skips the count.
+
 The image is 8-bit by default, as slides and photographs are: the whole-image and checkpoint
 steps normalise it to float on the device inside the step, the streamed steps normalise each
 tile (``StreamingCNN(mean=, std=)``); ``--input float32`` hands every mode a float image.
@@ -38,20 +45,19 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from typing import NamedTuple
 
 import psutil
 import torch
 from torch import nn
 from torch.utils.checkpoint import checkpoint
-from torchvision import models
 
+from dispatch_count import DispatchCounter, format_count
 from lightstream import StreamingCNN, TileTooSmallError
-from lightstream.core.memory import peak_rss, reset_peak_rss
+from step_fixture import DTYPES, MEAN, STD, build, make_image, normalise, peak_memory, reset_peak
 
 MODES = ("whole", "checkpoint", "streamed-one-stage", "streamed")
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
-MEAN, STD = (0.485 * 255, 0.456 * 255, 0.406 * 255), (0.229 * 255, 0.224 * 255, 0.225 * 255)
 
 
 class StepTime(NamedTuple):
@@ -60,15 +66,6 @@ class StepTime(NamedTuple):
     wall: float
     user: float
     system: float
-
-
-def build(model: str, device: str, channels_last: bool) -> tuple[nn.Sequential, nn.Module]:
-    net = getattr(models, model)(weights=None)
-    trunk = nn.Sequential(*list(net.children())[:-2]).eval().to(device)
-    if channels_last:
-        trunk = trunk.to(memory_format=torch.channels_last)
-    head = nn.Sequential(nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(net.fc.in_features, 2)).to(device)
-    return trunk, head
 
 
 def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, tile: int,
@@ -92,20 +89,6 @@ def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, 
     loss.backward()
 
 
-def normalise(image: torch.Tensor) -> torch.Tensor:
-    mean = torch.tensor(MEAN, device=image.device).view(1, -1, 1, 1)
-    std = torch.tensor(STD, device=image.device).view(1, -1, 1, 1)
-    return (image.float() - mean) / std
-
-
-def make_image(size: int, device: str, channels_last: bool, kind: str) -> torch.Tensor:
-    if kind == "uint8":
-        image = torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8, device=device)
-    else:
-        image = torch.randn(1, 3, size, size, device=device)
-    return image.to(memory_format=torch.channels_last) if channels_last else image
-
-
 def engines_for(trunk: nn.Sequential, tile: int, kind: str) -> dict[str, StreamingCNN]:
     """Streaming with one stage and with the default (``stages="auto"``)."""
     norm = {"mean": MEAN, "std": STD} if kind == "uint8" else {}
@@ -115,20 +98,6 @@ def engines_for(trunk: nn.Sequential, tile: int, kind: str) -> dict[str, Streami
     except TileTooSmallError as error:
         logging.warning("streamed-one-stage skipped: %s", error)
     return engines
-
-
-def peak_memory(device: str) -> float:
-    """Peak GiB since the last reset: CUDA allocations, or the process's RSS on the CPU."""
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**30
-    return peak_rss() / 2**30
-
-
-def reset_peak(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
-    elif not reset_peak_rss():
-        raise OSError("cannot reset the peak RSS (needs Linux /proc/self/clear_refs)")
 
 
 def worker(args: argparse.Namespace) -> None:
@@ -185,6 +154,9 @@ def main() -> None:
                         help="trunk and image in channels-last memory format (all modes)")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process memory runs")
+    parser.add_argument("--no-ops", action="store_true", help="skip counting dispatched operations")
+    parser.add_argument("--ops-breakdown", action="store_true",
+                        help="after the table, the ten most frequent operations of each configuration")
     parser.add_argument("--max-whole-gib", type=float, default=None,
                         help="skip whole-image/checkpoint runs predicted to need more than this "
                              "(default: 90%% of the device's free memory)")
@@ -192,8 +164,8 @@ def main() -> None:
     parser.add_argument("--worker", choices=MODES, help=argparse.SUPPRESS)
     parser.add_argument("--warmup", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    if args.reps == 0 and args.no_memory:
-        parser.error("--reps 0 with --no-memory measures nothing")
+    if args.reps == 0 and args.no_memory and args.no_ops:
+        parser.error("--reps 0 with --no-memory and --no-ops measures nothing")
     if args.worker:
         worker(args)
         return
@@ -208,7 +180,7 @@ def main() -> None:
     print(f"# {args.model} trunk, tile {args.tile}, {args.dtype}, {args.input} input, {layout}, {name}, "
           f"torch {torch.__version__}")
     cpu = args.device == "cpu"
-    columns = ["image", "mode", "step", "ratio to whole",
+    columns = ["image", "mode", "step", "ratio to whole", *([] if args.no_ops else ["aten ops (× whole)"]),
                *(["CPU-s user + sys"] if cpu else []), "estimated ratio",
                *(["fresh memory (est.)"] if cpu else []),
                *(["peak RSS (step)", "step's tensors (freed memory released)"] if cpu else
@@ -216,13 +188,18 @@ def main() -> None:
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
     dtype = DTYPES[args.dtype] or torch.float32
+    breakdowns: dict[str, dict[str, Counter[str]]] = {}
     for size in args.size:
         shape = (1, 3, size, size)
         estimates = {m: engines[m].estimate(shape, dtype) for m in engines}
         whole_gib = estimates["streamed"].whole_image_bytes / 2**30
         modes = [m for m in args.modes if m in engines or (not m.startswith("streamed")
                                                              and whole_gib <= args.max_whole_gib)]
-        timings = time_steps(args, trunk, head, engines, size, modes) if args.reps else {}
+        image = make_image(size, args.device, args.channels_last, args.input)
+        timings = time_steps(args, trunk, head, engines, image, modes) if args.reps else {}
+        ops = {} if args.no_ops else count_ops(args, trunk, head, engines, image, modes)
+        breakdowns[f"{size}²"] = ops
+        del image
         times = {m: [t.wall for t in ts] for m, ts in timings.items()}
         user = {m: statistics.median(t.user for t in ts) for m, ts in timings.items()}
         system = {m: statistics.median(t.system for t in ts) for m, ts in timings.items()}
@@ -238,7 +215,7 @@ def main() -> None:
             if mode in times:
                 seconds = f"{statistics.median(times[mode]):.2f} s"
             else:
-                seconds = f"{memory['seconds']:.1f} s (one step)" if memory else "failed"
+                seconds = f"{memory['seconds']:.1f} s (one step)" if memory else "—" if args.no_memory else "failed"
             ratio = f"{statistics.median(times[mode]) / base:.2f}×" if base and mode in times else "—"
             predicted_ratio, predicted, fresh = "", None, None
             if mode in estimates:
@@ -249,6 +226,10 @@ def main() -> None:
                 predicted = whole_gib
                 fresh = estimates["streamed"].whole_image_fresh_bytes
             cells = [f"{size}²", mode, seconds, ratio]
+            if not args.no_ops:
+                total = sum(ops[mode].values())
+                whole_ops = sum(ops["whole"].values()) if "whole" in ops else None
+                cells.append(format_count(total) + (f" ({total / whole_ops:.1f}×)" if whole_ops else ""))
             if cpu:
                 cells.append(f"{user[mode]:.1f} + {system[mode]:.1f}" if mode in user else "")
             cells.append(predicted_ratio)
@@ -262,12 +243,37 @@ def main() -> None:
                 estimate += f" ({predicted / live['step_gib'] - 1:+.0%})"
             cells.append(estimate)
             print("| " + " | ".join(cells) + " |", flush=True)
+    if args.ops_breakdown:
+        for image_size, ops in breakdowns.items():
+            print_breakdown(f"{image_size}, tile {args.tile}", ops)
+
+
+def count_ops(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
+              engines: dict[str, StreamingCNN], image: torch.Tensor, modes: list[str]) -> dict[str, Counter[str]]:
+    """The aten operations one step of each mode dispatches, by name (an untimed step each)."""
+    ops = {}
+    for mode in modes:
+        with DispatchCounter() as counter:
+            step(mode, trunk, head, image, args.tile, DTYPES[args.dtype], engines)
+        ops[mode] = counter.counts
+    return ops
+
+
+def print_breakdown(title: str, ops: dict[str, Counter[str]], top: int = 10) -> None:
+    """A table of each mode's ``top`` most frequent operations (the union of them, as rows)."""
+    names = sorted({name for counts in ops.values() for name, _ in counts.most_common(top)},
+                   key=lambda name: -max(counts[name] for counts in ops.values()))
+    print(f"\n# dispatched operations per step, {title}: the {top} most frequent of each mode")
+    print("| operation | " + " | ".join(ops) + " |")
+    print("|---" * (len(ops) + 1) + "|")
+    print("| **all** | " + " | ".join(str(sum(counts.values())) for counts in ops.values()) + " |")
+    for name in names:
+        print(f"| `{name}` | " + " | ".join(str(counts[name]) for counts in ops.values()) + " |")
 
 
 def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
-               engines: dict[str, StreamingCNN], size: int, modes: list[str]) -> dict[str, list[StepTime]]:
+               engines: dict[str, StreamingCNN], image: torch.Tensor, modes: list[str]) -> dict[str, list[StepTime]]:
     """``--reps`` step times per mode, the modes alternating (after one untimed step each on a GPU)."""
-    image = make_image(size, args.device, args.channels_last, args.input)
     times: dict[str, list[StepTime]] = {m: [] for m in modes}
     if args.device == "cuda":  # the first CUDA step of a shape selects kernels: not timed
         for mode in modes:
