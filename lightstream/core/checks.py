@@ -79,6 +79,15 @@ def stage_memory_setting(value: Any) -> int | str:
     return int(value)
 
 
+def tile_batch_setting(value: Any) -> int | str:
+    """``"auto"`` or a positive number of tiles run as one batch."""
+    if isinstance(value, str) and value == "auto":
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value <= 0:
+        raise ValueError(f"tile_batch must be a positive number of tiles or 'auto', not {value!r}")
+    return int(value)
+
+
 def channel_vector(values: Any, name: str, channels: int | None, nonzero: bool = False) -> torch.Tensor:
     """``mean``/``std`` as a flat float vector of one value per input channel (``None`` or empty: none)."""
     if values is None:

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from . import checks
-from .checks import channel_vector, input_channels, stage_memory_setting, stage_policy, tile_pair
+from .checks import channel_vector, input_channels, stage_memory_setting, stage_policy, tile_batch_setting, tile_pair
 from .errors import TileTooSmallError
 from .estimate import StepEstimate, TimeModel, estimate_step
 from .execution import Executor
@@ -53,6 +53,11 @@ class StreamingCNN(nn.Module):
         stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``
             stages; ``"auto"`` (default): 1 GiB, or a sixteenth of the GPU's memory when the
             trunk is on a larger GPU (:func:`~lightstream.core.stages.default_stage_memory`).
+        tile_batch: how many tiles that run the same operations (interior tiles of equal shape)
+            may run at once, stacked on the batch axis: far fewer, larger kernels, exactly the same
+            values (see :mod:`lightstream.core.batching`). ``"auto"`` (default): as many as the
+            ``stage_memory`` the kept stage maps leave over holds; ``1``: one tile at a time
+            (memory of one tile).
         saliency: also compute the gradient with respect to the image in :meth:`backward`
             (stored in :attr:`saliency_map`).
         mean, std: optional per-channel normalisation applied to each tile on the device, so an
@@ -83,6 +88,7 @@ class StreamingCNN(nn.Module):
         tile_size: int | tuple[int, int] | None = None,
         stages: str | Sequence[int] | None = "auto",
         stage_memory: int | str = "auto",
+        tile_batch: int | str = "auto",
         saliency: bool = False,
         mean: Sequence[float] | torch.Tensor | None = None,
         std: Sequence[float] | torch.Tensor | None = None,
@@ -94,6 +100,7 @@ class StreamingCNN(nn.Module):
         self.stream_module = stream_module
         self.stages = stage_policy(stages, stream_module)
         self.stage_memory = stage_memory_setting(stage_memory)
+        self.tile_batch = tile_batch_setting(tile_batch)
         self.saliency = saliency
         self.saliency_map: torch.Tensor | None = None
         self.progress = progress
@@ -139,7 +146,7 @@ class StreamingCNN(nn.Module):
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, self.stages,  # type: ignore[arg-type]
-                              self.stage_memory_bytes)
+                              self.stage_memory_bytes, self.tile_batch)
         return self.planner.plan(request)
 
     def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
@@ -164,7 +171,7 @@ class StreamingCNN(nn.Module):
         costs = self.planner.costs([p.stage for p in plan.stages], plan.request.channels)
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plan.stages, costs)],
                              plan.request.batch, plan.request.itemsize,
-                             time_model or TimeModel.for_device(self.device))
+                             time_model or TimeModel.for_device(self.device), [p.tile_batch for p in plan.stages])
 
     @property
     def output_stride(self) -> tuple[int, int]:

@@ -32,7 +32,7 @@ from __future__ import annotations
 import contextlib
 from collections import Counter
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -227,6 +227,11 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh
         whole_fresh=_fresh(values, areas.values(), fresh_threshold))
 
 
+def _batched(stage: _StagePass, tiles: int) -> _StagePass:
+    """A stage pass whose runs hold ``tiles`` tiles at once."""
+    return replace(stage, tile_forward=tiles * stage.tile_forward, tile_backward=tiles * stage.tile_backward)
+
+
 def _fresh(values: list[int], areas: Iterable[int], threshold: float) -> float:
     """Values of the step outputs that are at least ``threshold`` values large."""
     return float(sum(v * a for v, a in zip(values, areas) if v * a >= threshold))
@@ -250,16 +255,19 @@ def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
 
 
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
-                  bytes_per_value: int = 4, time_model: TimeModel | None = None) -> StepEstimate:
+                  bytes_per_value: int = 4, time_model: TimeModel | None = None,
+                  tile_batches: list[int] | None = None) -> StepEstimate:
     """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
 
     ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
-    streamed in one piece is a single stage. ``time_model`` defaults to multiply-adds only
+    streamed in one piece is a single stage. ``tile_batches``: per stage, the most tiles one
+    run holds (default 1; a batch of ``k`` tiles holds ``k`` tiles' values). ``time_model`` defaults to multiply-adds only
     (``StreamingCNN.estimate`` passes its device's :meth:`TimeModel.for_device`).
     """
     time_model = time_model or TimeModel()
     threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
-    passes = [_stage_pass(graph, plan, costs, threshold) for graph, plan, costs in stages]
+    passes = [_batched(_stage_pass(graph, plan, costs, threshold), k)
+              for (graph, plan, costs), k in zip(stages, tile_batches or [1] * len(stages))]
     maps = [p.output_map for p in passes]
     fmap = maps[-1]
     keeps_graph = [p.tiles == 1 for p in passes]

@@ -12,20 +12,26 @@ parameter, at any batch size. The image gradient is the sum of the tiles' input 
 With stages, the backward streams them in reverse, each producing the exact gradient of its
 input map for the stage before it. A stage of one tile keeps its graph from its forward (it fits
 the tile budget by construction), so its backward needs no recomputation.
+
+Tiles run in the batches of their :class:`~lightstream.core.stages.StagePlan`: the tiles of a
+batch run the same operations (:mod:`lightstream.core.batching`), so they are stacked on the
+batch axis, run once, and split again; the backward takes one ``torch.autograd.grad`` per batch
+and adds its parameter gradients with one ``_foreach_add_``.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
 
+from .batching import TileBatch
 from .errors import StreamingError
-from .geometry import Tile, TilePlan
+from .geometry import Tile
 from .graph import crop_to
 from .inputs import Autocast, TilePreparer
 from .planner import StreamPlan
@@ -81,47 +87,53 @@ class Executor:
 
     def _forward_stage(self, stage_plan: StagePlan, source: ImageSource, first: bool, keep_graph: bool
                        ) -> tuple[torch.Tensor, TileGraph | None]:
-        plan = stage_plan.plan
         if keep_graph:
-            (tile, raw), = self._load_tiles(source, plan, "forward")
+            (batch, raw), = self._load_batches(source, stage_plan.batches, "forward")
             with torch.enable_grad():
                 leaf, x = self.prepare(raw, first, requires_grad=True)
-                y = self._run_tile(stage_plan, tile, x)
-            return y.detach(), TileGraph(tile, leaf, y)
+                y = self._run_batch(stage_plan, batch, x)
+            return y.detach(), TileGraph(batch.lead, leaf, y)
         out: torch.Tensor | None = None
-        for tile, raw in self._load_tiles(source, plan, "forward"):
-            y = self._run_tile(stage_plan, tile, self.prepare(raw, first)[1])
+        for batch, raw in self._load_batches(source, stage_plan.batches, "forward"):
+            y = self._run_batch(stage_plan, batch, self.prepare(raw, first)[1])
             if out is None:
-                out = y.new_empty((y.shape[0], y.shape[1], *plan.output_size))
-            out[:, :, tile.output.rows, tile.output.cols] = y
+                out = y.new_empty((y.shape[0] // len(batch), y.shape[1], *stage_plan.plan.output_size))
+            for tile, part in zip(batch.tiles, _per_tile(y, len(batch))):
+                out[:, :, tile.output.rows, tile.output.cols] = part
         assert out is not None
         return out, None
 
-    def _run_tile(self, stage_plan: StagePlan, tile: Tile, x: torch.Tensor) -> torch.Tensor:
-        box, want = tile.input, tile.output
+    def _run_batch(self, stage_plan: StagePlan, batch: TileBatch, x: torch.Tensor) -> torch.Tensor:
+        """Run the batch's stacked tiles once, with its lead tile's coordinates (all of them run
+        the same operations, see :mod:`lightstream.core.batching`), cropped to what they own."""
+        box, want = batch.lead.input, batch.lead.output
         y, rows, cols = stage_plan.stage.graph.run(x, (box.top, box.bottom), (box.left, box.right),
                                                    stage_plan.plan.layer_sizes)
         if rows[0] > want.top or rows[1] < want.bottom or cols[0] > want.left or cols[1] < want.right:
-            raise StreamingError(f"internal error: tile {tile.index} computed rows {rows} cols {cols} "
+            raise StreamingError(f"internal error: tile {batch.lead.index} computed rows {rows} cols {cols} "
                                  f"but owns {want}; please report this trunk")
         return crop_to(y, (rows, cols), ((want.top, want.bottom), (want.left, want.right)))
 
-    def _load_tiles(self, source: ImageSource, plan: TilePlan, what: str) -> Iterator[tuple[Tile, torch.Tensor]]:
-        tiles = plan.tiles
-        bar = tqdm(tiles, desc=f"streaming {what}", unit="tile", disable=not self.progress, leave=False)
-        if isinstance(source, TensorSource):
-            for tile in bar:
-                yield tile, source.read(tile.input.rows, tile.input.cols)
-            return
-        # A lazy source (a slide on disk): read the next tile while this one computes.
-        with ThreadPoolExecutor(max_workers=1) as pool:
-            pending = pool.submit(source.read, tiles[0].input.rows, tiles[0].input.cols)
-            for index, tile in enumerate(bar):
-                x = pending.result()
-                if index + 1 < len(tiles):
-                    nxt = tiles[index + 1].input
-                    pending = pool.submit(source.read, nxt.rows, nxt.cols)
-                yield tile, x
+    def _load_batches(self, source: ImageSource, batches: tuple[TileBatch, ...], what: str
+                      ) -> Iterator[tuple[TileBatch, torch.Tensor]]:
+        """Each batch with its tiles' pixels stacked on the batch axis; a lazy source (a slide on
+        disk) reads the next batch while this one computes."""
+        bar = tqdm(total=sum(len(b) for b in batches), desc=f"streaming {what}", unit="tile",
+                   disable=not self.progress, leave=False)
+        with bar:
+            if isinstance(source, TensorSource):
+                for batch in batches:
+                    yield batch, _read_batch(source, batch)
+                    bar.update(len(batch))
+                return
+            with ThreadPoolExecutor(max_workers=1) as pool:
+                pending = pool.submit(_read_batch, source, batches[0])
+                for index, batch in enumerate(batches):
+                    x = pending.result()
+                    if index + 1 < len(batches):
+                        pending = pool.submit(_read_batch, source, batches[index + 1])
+                    yield batch, x
+                    bar.update(len(batch))
 
     # ------------------------------------------------------------------ backward
     def backward(self, plan: StreamPlan, source: ImageSource, grad: torch.Tensor, kept: list[Kept] | None,
@@ -170,21 +182,45 @@ class Executor:
                         ) -> tuple[Gradients, torch.Tensor | None]:
         totals: Gradients = [None] * len(params)
         input_grad: torch.Tensor | None = None
-        for tile, raw in self._load_tiles(source, stage_plan.plan, "backward"):
+        for batch, raw in self._load_batches(source, stage_plan.batches, "backward"):
             with torch.enable_grad(), autocast():  # enable_grad: autograd's backward runs without it
                 leaf, x = self.prepare(raw, first, requires_grad=want_input_grad)
-                y = self._run_tile(stage_plan, tile, x)
-            g = grad[:, :, tile.output.rows, tile.output.cols].to(device=y.device, dtype=y.dtype)
+                y = self._run_batch(stage_plan, batch, x)
+            g = _stack([grad[:, :, t.output.rows, t.output.cols] for t in batch.tiles]).to(device=y.device,
+                                                                                          dtype=y.dtype)
             inputs = params + ([leaf] if want_input_grad else [])
-            tile_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
-            for index, tg in enumerate(tile_grads[:len(params)]):
-                if tg is not None:
-                    totals[index] = tg if totals[index] is None else totals[index].add_(tg)
+            batch_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
+            _accumulate(totals, batch_grads[:len(params)])
             if want_input_grad:
                 if input_grad is None:
                     input_grad = _zeros_like_source(source, leaf.dtype)
-                input_grad[:, :, tile.input.rows, tile.input.cols] += tile_grads[-1].to(input_grad.device)
+                for tile, part in zip(batch.tiles, _per_tile(batch_grads[-1].to(input_grad.device), len(batch))):
+                    input_grad[:, :, tile.input.rows, tile.input.cols] += part
         return totals, input_grad
+
+
+def _accumulate(totals: Gradients, grads: Sequence[torch.Tensor | None]) -> None:
+    """Add ``grads`` into ``totals`` in place (the first ones are taken as they are), in one op."""
+    into = [i for i, g in enumerate(grads) if g is not None and totals[i] is not None]
+    if into:
+        torch._foreach_add_([totals[i] for i in into], [grads[i] for i in into])  # type: ignore[misc]
+    for index, g in enumerate(grads):
+        if totals[index] is None:
+            totals[index] = g
+
+
+def _read_batch(source: ImageSource, batch: TileBatch) -> torch.Tensor:
+    """The batch's tiles read from ``source``, stacked on the batch axis."""
+    return _stack([source.read(tile.input.rows, tile.input.cols) for tile in batch.tiles])
+
+
+def _stack(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts)
+
+
+def _per_tile(x: torch.Tensor, tiles: int) -> tuple[torch.Tensor, ...]:
+    """A batch's result split back into its tiles' ``[B, ...]`` parts."""
+    return (x,) if tiles == 1 else x.chunk(tiles)
 
 
 def _zeros_like_source(source: ImageSource, dtype: torch.dtype) -> torch.Tensor:

@@ -257,9 +257,19 @@ def _balanced(cells: list[Span], fits: Callable[[int, int], bool]) -> list[Span]
     """The same number of cells as the greedy ``cells``, with outputs spread evenly over them.
 
     Greedy filling leaves a sliver for the last tile; even cells compute the same outputs with
-    tiles of similar, smaller shapes. Falls back to ``cells`` if an even cell does not fit.
+    tiles of similar, smaller shapes. Interior cells are made all the same size where the two
+    border cells (whose tiles read the image's own padding, so need less) can take the
+    remainder: equal interior tiles run the same operations and can run as one batch
+    (:mod:`lightstream.core.batching`). Falls back to ``cells`` if an even cell does not fit.
     """
     count, length = len(cells), cells[-1][1]
+    size, extra = divmod(length, count)
+    sizes = [size] * count
+    sizes[0] += extra // 2
+    sizes[-1] += extra - extra // 2
     bounds = [length * i // count for i in range(count + 1)]
-    even = list(zip(bounds, bounds[1:]))
-    return even if all(fits(lo, hi) for lo, hi in even) else cells
+    for candidate in ([sum(sizes[:i]) for i in range(count + 1)], bounds):
+        even = list(zip(candidate, candidate[1:]))
+        if all(fits(lo, hi) for lo, hi in even):
+            return even
+    return cells

@@ -31,10 +31,55 @@ from .ops import Crop, OpCall
 from .randomness import SeededDraws, random_reason
 from .window import Window
 
-__all__ = ["TrunkGraph", "Step", "Span", "crop_to", "module_device", "parameter_dtype"]
+__all__ = ["TrunkGraph", "Step", "Span", "WindowCut", "AxisSchedule", "crop_to", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
+
+
+@dataclass(frozen=True)
+class WindowCut:
+    """How a tile runs one window step along one axis (all but ``out`` relative to the tile).
+
+    The operand (holding rows ``[lo, hi)``) is narrowed to ``length`` rows from ``start``,
+    padded with ``pad`` rows before them, the op runs, and its outputs from ``first`` on are
+    kept: the exact outputs ``out`` of the full map.
+    """
+
+    start: int
+    length: int
+    pad: int
+    first: int
+    out: Span
+
+
+@dataclass(frozen=True)
+class AxisSchedule:
+    """Everything :meth:`TrunkGraph.run` does along one axis for one input interval.
+
+    ``spans``: per step, the rows (or columns) of the full map it holds (:meth:`TrunkGraph.exact_spans`);
+    ``cuts``: per window step, its :class:`WindowCut` (``None`` elsewhere).
+    """
+
+    spans: tuple[Span, ...]
+    cuts: tuple[WindowCut | None, ...]
+    inputs: tuple[tuple[int, ...], ...]
+
+    @property
+    def shape_key(self) -> tuple:
+        """The schedule with every absolute position removed.
+
+        :meth:`TrunkGraph.run` reads the spans only through these differences (narrow offsets
+        and lengths, pads, merge crops), so two inputs with equal keys on both axes run the
+        same operations on tensors of the same shapes: stacked on the batch axis they run once.
+        """
+        key: list[tuple] = []
+        for span, cut, inputs in zip(self.spans, self.cuts, self.inputs):
+            if cut is not None:
+                key.append((cut.start, cut.length, cut.pad, cut.first, cut.out[1] - cut.out[0]))
+            else:
+                key.append((span[1] - span[0], *(span[0] - self.spans[i][0] for i in inputs)))
+        return tuple(key)
 
 @dataclass
 class Step:
@@ -184,6 +229,10 @@ class TrunkGraph:
                     dims=geometry.dims, inputs=tuple(inputs), target=target, family=op.family.name,
                     crop=op.family.crop)
 
+    def static_value(self, node: fx.Node) -> Any:
+        """An image-independent step's value as evaluated at trace time (``None`` for others)."""
+        return self._examples.get(node)
+
     # ------------------------------------------------------------------ execution
     def _call(self, node: fx.Node, target: Any, value: Callable[[fx.Node], Any], hooks: bool = True) -> Any:
         args = fx.node.map_arg(node.args, value)
@@ -230,6 +279,15 @@ class TrunkGraph:
                 out.append(span)
         return out
 
+    def schedule(self, span: Span, axis: int, sizes: Sequence[tuple[int, int]]) -> AxisSchedule:
+        """How :meth:`run` cuts every step along ``axis`` for input interval ``span``."""
+        spans = self.exact_spans(span, axis, sizes)
+        cuts = [None if step.window is None else
+                _window_cut(step.window[axis], spans[step.inputs[0]], sizes[step.inputs[0]][axis])
+                for step in self.steps]
+        inputs = tuple(step.inputs if step.spatial else () for step in self.steps)
+        return AxisSchedule(tuple(spans), tuple(cuts), inputs)
+
     def needed_span(self, span: Span, axis: int, sizes: Sequence[tuple[int, int]],
                     at: int | None = None) -> Span:
         """The input interval along ``axis`` that interval ``span`` of step ``at`` depends on.
@@ -263,7 +321,8 @@ class TrunkGraph:
         """
         hooks = observe is None
         values: list[Any] = [None] * len(self.steps)
-        spans: list[tuple[Span, Span]] = [((0, 0), (0, 0))] * len(self.steps)
+        axes = (self.schedule(rows, 0, sizes), self.schedule(cols, 1, sizes))
+        spans = [(r, c) for r, c in zip(axes[0].spans, axes[1].spans)]
 
         def lookup(n: fx.Node) -> Any:
             return values[self._index[n]]
@@ -272,58 +331,52 @@ class TrunkGraph:
             if not step.spatial:
                 values[index] = self._call(step.node, step.target, lookup, hooks)
             elif not step.inputs:
-                values[index], spans[index] = tile, (rows, cols)
+                values[index] = tile
             else:
                 if step.crop is Crop.WINDOW:
-                    source = step.inputs[0]
-                    values[index], spans[index] = self._run_window(step, values[source], spans[source],
-                                                                   sizes[source], lookup, hooks)
+                    cuts = (axes[0].cuts[index], axes[1].cuts[index])
+                    values[index] = self._run_window(step, values[step.inputs[0]], cuts, lookup, hooks)  # type: ignore[arg-type]
                 else:
-                    values[index], spans[index] = self._run_merged(step, values, spans, hooks)
+                    values[index] = self._run_merged(step, values, spans, spans[index], hooks)
                 if observe is not None:
                     observe(index, values[index])
             for done in self._released_after[index]:
                 values[done] = None
         return values[self.output], spans[self.output][0], spans[self.output][1]
 
-    def _run_merged(self, step: Step, values: list[Any], spans: list[tuple[Span, Span]], hooks: bool
-                    ) -> tuple[Any, tuple[Span, Span]]:
-        """A position-wise step: its spatial operands cropped to their common rows and columns."""
-        box = spans[step.inputs[0]]
-        if len(step.inputs) > 1:
-            box = tuple((max(spans[i][a][0] for i in step.inputs),
-                         min(spans[i][a][1] for i in step.inputs)) for a in range(2))  # type: ignore[assignment]
+    def _run_merged(self, step: Step, values: list[Any], spans: list[tuple[Span, Span]], box: tuple[Span, Span],
+                    hooks: bool) -> Any:
+        """A position-wise step: its spatial operands cropped to their common rows and columns ``box``."""
         cropped = {i: crop_to(values[i], spans[i], box, self.steps[i].dims) for i in step.inputs}
 
         def value(n: fx.Node) -> Any:
             i = self._index[n]
             return cropped[i] if i in cropped else values[i]
 
-        return self._call(step.node, step.target, value, hooks), box
+        return self._call(step.node, step.target, value, hooks)
 
-    def _run_window(self, step: Step, x: torch.Tensor, box: tuple[Span, Span], size: tuple[int, int],
-                    lookup: Callable[[fx.Node], Any], hooks: bool) -> tuple[torch.Tensor, tuple[Span, Span]]:
-        out_box, starts, pads, first = [], [], [], []
-        for axis in range(2):
-            window, (lo, hi), n = step.window[axis], box[axis], size[axis]  # type: ignore[index]
-            out_lo, out_hi = window.exact_out(lo, hi, n)
-            need_lo, need_hi = window.needed_in(out_lo, out_hi, n)
-            # The op's output j reads from (t0 - pad_before + j*stride): align t0 to the stride so
-            # that j maps onto the global output t0/stride + j.
-            t0 = need_lo - need_lo % window.stride
-            start = max(t0, lo)
-            starts.append((start - lo, need_hi - start))
-            pads.append(start - t0)
-            first.append(out_lo - t0 // window.stride)
-            out_box.append((out_lo, out_hi))
-        x = _narrow(_narrow(x, 2, *starts[0]), 3, *starts[1])
-        if pads[0] or pads[1]:
-            x = F.pad(x, (pads[1], 0, pads[0], 0))
+    def _run_window(self, step: Step, x: torch.Tensor, cuts: tuple[WindowCut, WindowCut],
+                    lookup: Callable[[fx.Node], Any], hooks: bool) -> torch.Tensor:
+        rows, cols = cuts
+        x = _narrow(_narrow(x, 2, rows.start, rows.length), 3, cols.start, cols.length)
+        if rows.pad or cols.pad:
+            x = F.pad(x, (cols.pad, 0, rows.pad, 0))
         source = self.steps[step.inputs[0]].node
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
-        y = _narrow(y, 2, first[0], out_box[0][1] - out_box[0][0])
-        y = _narrow(y, 3, first[1], out_box[1][1] - out_box[1][0])
-        return y, (out_box[0], out_box[1])
+        y = _narrow(y, 2, rows.first, rows.out[1] - rows.out[0])
+        return _narrow(y, 3, cols.first, cols.out[1] - cols.out[0])
+
+
+def _window_cut(window: Window, have: Span, n: int) -> WindowCut:
+    """The :class:`WindowCut` of ``window`` over an operand holding ``have`` of an axis of length ``n``."""
+    lo, hi = have
+    out_lo, out_hi = window.exact_out(lo, hi, n)
+    need_lo, need_hi = window.needed_in(out_lo, out_hi, n)
+    # The op's output j reads from (t0 - pad_before + j*stride): align t0 to the stride so that
+    # j maps onto the global output t0/stride + j.
+    t0 = need_lo - need_lo % window.stride
+    start = max(t0, lo)
+    return WindowCut(start - lo, need_hi - start, start - t0, out_lo - t0 // window.stride, (out_lo, out_hi))
 
 
 def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)

@@ -3,7 +3,9 @@
 The pipeline is *trunk → trace → plan → execute*. A :class:`Planner` holds one trace of a trunk
 (its :class:`~lightstream.core.graph.TrunkGraph` and :class:`~lightstream.core.geometry.Geometry`)
 and turns a :class:`PlanRequest` — image shape, tile size, stage policy, stage memory — into a
-:class:`StreamPlan`: the stages, each with its tile size and tile plan. The cost model (values
+:class:`StreamPlan`: the stages, each with its tile size, tile plan and how many of its tiles may
+run as one batch (``tile_batch``: with ``"auto"``, as many as the ``stage_memory`` the kept
+stage maps leave over holds, one tile's backward peak each). The cost model (values
 and multiply-adds per pixel of every step, by default measured by a shape-only probe,
 :func:`~lightstream.core.stages.stage_costs`) is an argument of the planner, because it decides
 which stage maps are kept and how large later stages' tiles are. The engine only executes plans.
@@ -19,6 +21,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 from torch import nn
@@ -50,6 +53,7 @@ class PlanRequest:
     tile_size: tuple[int, int]
     stages: StagePolicy
     stage_memory: int
+    tile_batch: int | str = "auto"
 
 
 @dataclass(frozen=True)
@@ -128,12 +132,14 @@ class Planner:
         if request.stages is None:
             stage = self.stages(())[0]
             plan = stage.geometry.plan(request.image_size, request.tile_size)
-            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan),))
+            limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, request.stage_memory)
+            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit),))
         cuts = self._auto_cuts(request) if request.stages == "auto" else request.stages
         stages = self.stages(tuple(cuts))  # type: ignore[arg-type]
         costs = self.costs(stages, request.channels)
         whole = self.stages(())[0]
         budget = tile_values(whole, self.costs([whole], request.channels)[0], request.tile_size)
+        spare = request.stage_memory - sum(self._map_bytes(stages, costs, request))
         plans: list[StagePlan] = []
         map_size = request.image_size
         for index, (stage, stage_cost) in enumerate(zip(stages, costs)):
@@ -141,10 +147,30 @@ class Planner:
             # tile that needs no more memory than one unstaged tile of the user's size.
             tile = request.tile_size if index == 0 else stage_tile_size(stage, stage_cost, budget, map_size)
             plan = stage.geometry.plan(map_size, tile)
-            plans.append(StagePlan(stage, tile, plan))
+            plans.append(StagePlan(stage, tile, plan, partial(self._tile_batch, request, stages, index, tile, spare)))
             map_size = plan.output_size
         logger.debug("stages %s with tiles %s", [p.stage.name for p in plans], [p.tile_size for p in plans])
         return StreamPlan(request, tuple(plans))
+
+    def _tile_batch(self, request: PlanRequest, stages: list[Stage], index: int, tile: tuple[int, int],
+                    spare: int) -> int:
+        """Tiles one run of ``stages[index]`` may hold: ``tile_batch``, or with ``"auto"`` one tile
+        plus as many more as the ``stage_memory`` the kept stage maps leave over (``spare``) holds."""
+        if request.tile_batch != "auto":
+            return int(request.tile_batch)
+        costs = self.costs(stages, request.channels)[index]
+        tile_bytes = request.batch * request.itemsize * tile_values(stages[index], costs, tile)
+        return 1 + int(max(0, spare) // max(1.0, tile_bytes))
+
+    @staticmethod
+    def _map_bytes(stages: Sequence[Stage], costs: list[list[LayerCost]], request: PlanRequest) -> list[int]:
+        """Bytes of each kept stage map with its gradient (the output of every stage but the last)."""
+        map_size, out = request.image_size, []
+        for stage, stage_cost in zip(stages[:-1], costs[:-1]):
+            map_size = stage.geometry.output_size(map_size)
+            per_pixel = stage_cost[stage.graph.output].elements_per_pixel
+            out.append(2 * request.batch * per_pixel * map_size[0] * map_size[1] * request.itemsize)
+        return out
 
     def _auto_cuts(self, request: PlanRequest) -> list[int]:
         """Deepest candidate cuts whose kept maps (and their gradients) fit ``stage_memory``."""
@@ -152,12 +178,7 @@ class Planner:
         if not candidates:
             return []
         stages = self.stages(tuple(candidates))
-        costs = self.costs(stages, request.channels)
-        map_size, kept_bytes = request.image_size, []
-        for stage, stage_cost in zip(stages[:-1], costs[:-1]):
-            map_size = stage.geometry.output_size(map_size)
-            per_pixel = stage_cost[stage.graph.output].elements_per_pixel
-            kept_bytes.append(2 * request.batch * per_pixel * map_size[0] * map_size[1] * request.itemsize)
+        kept_bytes = self._map_bytes(stages, self.costs(stages, request.channels), request)
         chosen: list[int] = []
         used = 0
         for cut, need in reversed(list(zip(candidates, kept_bytes))):

@@ -17,12 +17,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 
 import torch
 from torch import nn
 
+from .batching import TileBatch, batch_tiles
 from .estimate import LayerCost, layer_costs, pass_peaks
 from .geometry import Geometry, TilePlan
 from .graph import TrunkGraph
@@ -61,11 +63,25 @@ class Stage:
 
 @dataclass(frozen=True)
 class StagePlan:
-    """The tile plan of one stage, in the pixels of that stage's input map."""
+    """The tile plan of one stage, in the pixels of that stage's input map, and how its tiles
+    run: :attr:`batches` partition the plan's tiles into batches run at once (see
+    :mod:`lightstream.core.batching`; worked out when first run, so planning stays fast)."""
 
     stage: Stage
     tile_size: tuple[int, int]
     plan: TilePlan
+    batch_limit: Callable[[], int] = field(default=lambda: 1, compare=False, repr=False)
+    """The most tiles one run may hold (called once, when the batches are first needed)."""
+
+    @cached_property
+    def batches(self) -> tuple[TileBatch, ...]:
+        """The plan's tiles in the batches that run at once."""
+        return batch_tiles(self.stage.graph, self.plan, self.batch_limit())
+
+    @property
+    def tile_batch(self) -> int:
+        """The most tiles one run of this stage holds."""
+        return max(len(batch) for batch in self.batches)
 
 
 def split_stages(trunk: nn.Module, cuts: Sequence[int]) -> list[Stage]:
