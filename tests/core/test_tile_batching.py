@@ -127,7 +127,7 @@ def test_auto_tile_batch_fits_the_stage_memory_left_by_the_kept_maps() -> None:
     shape = (2, 3, 400, 400)
     sizes = {}
     for memory in (1, 1 << 20, 1 << 24):
-        scnn = StreamingCNN(trunk, tile_size=40, stages=None, stage_memory=memory)
+        scnn = StreamingCNN(trunk, tile_size=40, stages=None, stage_memory=memory, tile_batch="auto")
         stage = scnn.stage_plans(shape)[0]
         costs = scnn.planner.costs([stage.stage], 3)[0]
         tile_bytes = 2 * 4 * tile_values(stage.stage, costs, stage.tile_size)
