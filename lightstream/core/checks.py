@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 __all__ = ["tile_pair", "stage_policy", "stage_memory_setting", "channel_vector", "image_shape",
-           "tile_dtype", "input_channels", "StagePolicy"]
+           "tile_dtype", "input_channels", "tile_batch_setting", "StagePolicy"]
 
 StagePolicy = str | tuple[int, ...] | None
 """``"auto"``, ``None`` (one piece) or the child indices to cut an ``nn.Sequential`` trunk at."""
