@@ -11,13 +11,22 @@ import hashlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from fractions import Fraction
 
 from .errors import TileTooSmallError
 from .graph import Span, TrunkGraph
 
-__all__ = ["Box", "Tile", "TilePlan", "LayerProfile", "Geometry", "as_pair"]
+__all__ = ["Box", "Tile", "TilePlan", "LayerProfile", "Geometry", "Stride", "as_pair"]
 
 _LONG_AXIS = 1 << 20  # an axis long enough that its middle is far from both borders
+
+Stride = int | Fraction
+"""Image pixels per feature-map pixel: an ``int``, or a ``Fraction`` below 1 after upsampling."""
+
+
+def _simplest(stride: Stride) -> Stride:
+    """A whole stride as an ``int`` (``Fraction(4, 2)`` -> ``2``), else the fraction itself."""
+    return int(stride) if Fraction(stride).denominator == 1 else Fraction(stride)
 
 
 def as_pair(size: int | tuple[int, int] | list[int]) -> tuple[int, int]:
@@ -80,7 +89,7 @@ class TilePlan:
     image_size: tuple[int, int]
     tile_size: tuple[int, int]
     output_size: tuple[int, int]
-    output_stride: tuple[int, int]
+    output_stride: tuple[Stride, Stride]
     row_spans: tuple[tuple[Span, Span], ...]
     col_spans: tuple[tuple[Span, Span], ...]
     layer_sizes: list[tuple[int, int]] = field(repr=False, compare=False)
@@ -110,11 +119,11 @@ class TilePlan:
         return rows * cols / (self.image_size[0] * self.image_size[1])
 
     @property
-    def tile_stride(self) -> tuple[int, int]:
+    def tile_stride(self) -> tuple[Stride, Stride]:
         """Image pixels between the starts of neighbouring interior tiles."""
-        def step(spans: tuple[tuple[Span, Span], ...], stride: int) -> int:
+        def step(spans: tuple[tuple[Span, Span], ...], stride: Stride) -> Stride:
             _, (lo, hi) = spans[1] if len(spans) > 2 else spans[0]  # spans[0] is a larger border tile
-            return (hi - lo) * stride
+            return _simplest((hi - lo) * stride)
         return step(self.row_spans, self.output_stride[0]), step(self.col_spans, self.output_stride[1])
 
 
@@ -128,7 +137,7 @@ class LayerProfile:
     """
 
     path: str
-    stride: tuple[int, int]
+    stride: tuple[Stride, Stride]
     receptive_field: tuple[int, int]
     lost: tuple[int, int, int, int]
 
@@ -144,22 +153,23 @@ class Geometry:
         self.graph = graph
         self._spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
         sizes = graph.sizes(_LONG_AXIS, _LONG_AXIS)
-        self.strides: list[tuple[int, int]] = self._cumulative_strides()
-        """Cumulative stride (image px per step px) of every step."""
-        self.output_stride: tuple[int, int] = self.strides[graph.output]
+        self.strides: list[tuple[Stride, Stride]] = self._cumulative_strides()
+        """Cumulative stride (image px per step px) of every step; a ``Fraction`` where a step is
+        finer than the image (after upsampling), an ``int`` elsewhere."""
+        self.output_stride: tuple[Stride, Stride] = self.strides[graph.output]
         middle = [sizes[graph.output][axis] // 2 for axis in range(2)]
         fields = [graph.needed_span((middle[axis], middle[axis] + 1), axis, sizes) for axis in range(2)]
         self.receptive_field: tuple[int, int] = (fields[0][1] - fields[0][0], fields[1][1] - fields[1][0])
         """Image pixels that one interior output pixel depends on, per axis."""
 
-    def _cumulative_strides(self) -> list[tuple[int, int]]:
-        strides: list[tuple[int, int]] = []
+    def _cumulative_strides(self) -> list[tuple[Stride, Stride]]:
+        strides: list[tuple[Stride, Stride]] = []
         for step in self.graph.steps:
             if not step.spatial or not step.inputs:
                 strides.append((1, 1))
             elif step.window is not None:
                 sy, sx = strides[step.inputs[0]]
-                strides.append((sy * step.window[0].stride, sx * step.window[1].stride))
+                strides.append((_simplest(sy * step.window[0].stride), _simplest(sx * step.window[1].stride)))
             else:
                 strides.append(strides[step.inputs[0]])
         return strides
@@ -248,8 +258,8 @@ class Geometry:
                 mid = sizes[index][axis] // 2
                 a, b = self.graph.needed_span((mid, mid + 1), axis, sizes, at=index)
                 fields.append(b - a)
-            layers.append(LayerProfile(step.path, stride, (fields[0], fields[1]),
-                                       (lost[0][0], lost[1][0], lost[0][1], lost[1][1])))
+            lost_sides = tuple(_simplest(side) for side in (lost[0][0], lost[1][0], lost[0][1], lost[1][1]))
+            layers.append(LayerProfile(step.path, stride, (fields[0], fields[1]), lost_sides))  # type: ignore[arg-type]
         return layers
 
 

@@ -29,28 +29,12 @@ from .errors import UnsupportedLayerError
 from .op_table import lookup, random_draw, resolve
 from .ops import Crop, OpCall
 from .randomness import SeededDraws, random_reason
-from .window import Window
+from .window import AxisGeometry, WindowCut
 
 __all__ = ["TrunkGraph", "Step", "Span", "WindowCut", "AxisSchedule", "crop_to", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
-
-
-@dataclass(frozen=True)
-class WindowCut:
-    """How a tile runs one window step along one axis (all but ``out`` relative to the tile).
-
-    The operand (holding rows ``[lo, hi)``) is narrowed to ``length`` rows from ``start``,
-    padded with ``pad`` rows before them, the op runs, and its outputs from ``first`` on are
-    kept: the exact outputs ``out`` of the full map.
-    """
-
-    start: int
-    length: int
-    pad: int
-    first: int
-    out: Span
 
 
 @dataclass(frozen=True)
@@ -102,7 +86,7 @@ class Step:
     path: str
     node: fx.Node
     spatial: bool
-    window: tuple[Window, Window] | None = None
+    window: tuple[AxisGeometry, AxisGeometry] | None = None
     dims: tuple[int, int] = (2, 3)
     inputs: tuple[int, ...] = ()
     target: Any = None
@@ -283,7 +267,7 @@ class TrunkGraph:
         """How :meth:`run` cuts every step along ``axis`` for input interval ``span``."""
         spans = self.exact_spans(span, axis, sizes)
         cuts = [None if step.window is None else
-                _window_cut(step.window[axis], spans[step.inputs[0]], sizes[step.inputs[0]][axis])
+                step.window[axis].cut(*spans[step.inputs[0]], sizes[step.inputs[0]][axis])
                 for step in self.steps]
         inputs = tuple(step.inputs if step.spatial else () for step in self.steps)
         return AxisSchedule(tuple(spans), tuple(cuts), inputs)
@@ -365,18 +349,6 @@ class TrunkGraph:
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
         y = _narrow(y, 2, rows.first, rows.out[1] - rows.out[0])
         return _narrow(y, 3, cols.first, cols.out[1] - cols.out[0])
-
-
-def _window_cut(window: Window, have: Span, n: int) -> WindowCut:
-    """The :class:`WindowCut` of ``window`` over an operand holding ``have`` of an axis of length ``n``."""
-    lo, hi = have
-    out_lo, out_hi = window.exact_out(lo, hi, n)
-    need_lo, need_hi = window.needed_in(out_lo, out_hi, n)
-    # The op's output j reads from (t0 - pad_before + j*stride): align t0 to the stride so that
-    # j maps onto the global output t0/stride + j.
-    t0 = need_lo - need_lo % window.stride
-    start = max(t0, lo)
-    return WindowCut(start - lo, need_hi - start, start - t0, out_lo - t0 // window.stride, (out_lo, out_hi))
 
 
 def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)

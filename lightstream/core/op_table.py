@@ -20,13 +20,16 @@ from torch import nn
 
 from .ops import Layout, Method, Op, OpCall, OpGeometry, PositionWise, Refused, SlidingWindow
 from .randomness import random_reason, seeded_operator, traced_name
+from .resample import Resampling, TransposedWindow
 from .window import Window
 
 __all__ = ["CONVOLUTION", "LAYOUT", "MERGE", "NORMALISATION", "OPS", "POINTWISE", "POOLING", "REFUSED",
-           "lookup", "random_draw", "resolve"]
+           "TRANSPOSED_CONVOLUTION", "UPSAMPLING", "lookup", "random_draw", "resolve"]
 
 CONVOLUTION = SlidingWindow("convolution")
 POOLING = SlidingWindow("pooling")
+TRANSPOSED_CONVOLUTION = SlidingWindow("transposed convolution")
+UPSAMPLING = SlidingWindow("upsampling")
 POINTWISE = PositionWise("pointwise")
 NORMALISATION = PositionWise("normalisation", broadcast=False)
 MERGE = PositionWise("merge")
@@ -115,6 +118,98 @@ def _avg_pool_module(call: OpCall) -> tuple[Window, Window]:
 def _avg_pool_function(call: OpCall) -> tuple[Window, Window]:
     return pool_windows(call.argument("kernel_size"), call.argument("stride"), call.argument("padding", 0), 1,
                         call.argument("ceil_mode", False))
+
+
+# ---------------------------------------------------------------- upsampling (output stride below one)
+_ALIGN_CORNERS = ("align_corners=True maps output positions through the whole map's size ((n - 1) / "
+                  "(out - 1)), which no tile knows, so tiles cannot reproduce it; use align_corners=False "
+                  "(the default) or nearest upsampling")
+_INTERPOLATION_MODES = {"nearest": "nearest", "nearest-exact": "nearest-exact", "bilinear": "bilinear",
+                        "bicubic": "bicubic"}
+
+
+def _integer_factors(call: OpCall, value: Any, what: str) -> tuple[int, int]:
+    factors = value if isinstance(value, (tuple, list)) else (value, value)
+    if len(factors) != 2:
+        call.refuse(f"it gives {what} {value!r}; a 2-d map needs one or two factors")
+    out = []
+    for factor in factors:
+        if isinstance(factor, bool) or not isinstance(factor, (int, float)) or factor < 1 or factor != int(factor):
+            call.refuse(f"its {what} {value!r} is not a whole number >= 1; lightstream streams upsampling "
+                        "by integer factors (tile borders then fall on whole input pixels)")
+        out.append(int(factor))
+    return out[0], out[1]
+
+
+def _interpolation(call: OpCall, size: Any, scale_factor: Any, mode: Any, align_corners: Any,
+                   recompute_scale_factor: Any = None, antialias: Any = False) -> tuple[Resampling, Resampling]:
+    if size is not None:
+        call.refuse(f"it resizes to a fixed size={size!r}, set by the whole map, which a tile cannot know; "
+                    "give scale_factor instead")
+    if scale_factor is None:
+        call.refuse("it gives neither size nor scale_factor")
+    if mode not in _INTERPOLATION_MODES:
+        call.refuse(f"mode={mode!r} is not streamed; supported are {', '.join(_INTERPOLATION_MODES)} "
+                    "(with align_corners=False)")
+    if align_corners:
+        call.refuse(_ALIGN_CORNERS)
+    if recompute_scale_factor or antialias:
+        call.refuse("recompute_scale_factor=True and antialias=True are not streamed; leave them at their defaults")
+    factors = _integer_factors(call, scale_factor, "scale_factor")
+    return Resampling(factors[0], mode), Resampling(factors[1], mode)
+
+
+def _upsample_module(call: OpCall) -> tuple[Resampling, Resampling]:
+    up = call.module
+    if type(up).forward is not nn.Upsample.forward:
+        call.refuse(f"{type(up).__name__} overrides Upsample.forward; lightstream can only stream the standard one")
+    return _interpolation(call, up.size, up.scale_factor, up.mode, up.align_corners,
+                          getattr(up, "recompute_scale_factor", None))
+
+
+def _interpolate_function(call: OpCall) -> tuple[Resampling, Resampling]:
+    return _interpolation(call, call.argument("size"), call.argument("scale_factor"),
+                          call.argument("mode", "nearest"), call.argument("align_corners"),
+                          call.argument("recompute_scale_factor"), call.argument("antialias", False))
+
+
+def _shuffle(call: OpCall, factor: Any) -> tuple[Resampling, Resampling]:
+    factors = _integer_factors(call, int(factor) if isinstance(factor, int) else factor, "upscale_factor")
+    return Resampling(factors[0], "pixel_shuffle"), Resampling(factors[1], "pixel_shuffle")
+
+
+def _unshuffle(call: OpCall, factor: Any) -> tuple[Window, Window]:
+    r = _integer_factors(call, factor, "downscale_factor")
+    return Window(r[0], r[0]), Window(r[1], r[1])
+
+
+def _transposed_windows(call: OpCall, kernel: Any, stride: Any, padding: Any, output_padding: Any,
+                        dilation: Any) -> tuple[TransposedWindow, TransposedWindow]:
+    if isinstance(padding, str):
+        call.refuse(f"padding={padding!r} is not streamed for a transposed convolution; give it in pixels")
+    k, s, p, op, d = (_pair(v) for v in (kernel, stride, padding, output_padding, dilation))
+    return (TransposedWindow(k[0], s[0], d[0], p[0], op[0]), TransposedWindow(k[1], s[1], d[1], p[1], op[1]))
+
+
+def _conv_transpose_module(call: OpCall) -> tuple[TransposedWindow, TransposedWindow]:
+    conv = call.module
+    if type(conv).forward is not nn.ConvTranspose2d.forward:
+        call.refuse(f"{type(conv).__name__} overrides ConvTranspose2d.forward; lightstream can only stream "
+                    "the standard transposed convolution")
+    if call.argument("output_size") is not None:
+        call.refuse("it is called with output_size=, set by the whole map, which a tile cannot know; "
+                    "set output_padding on the layer instead")
+    return _transposed_windows(call, conv.kernel_size, conv.stride, conv.padding, conv.output_padding, conv.dilation)
+
+
+def _conv_transpose_function(call: OpCall) -> tuple[TransposedWindow, TransposedWindow]:
+    weight = call.argument("weight")
+    weight = call.example(weight) if isinstance(weight, fx.Node) else None
+    if not isinstance(weight, torch.Tensor):
+        call.refuse("the transposed convolution's weight depends on the image")
+    return _transposed_windows(call, tuple(weight.shape[-2:]), call.argument("stride", 1),
+                               call.argument("padding", 0), call.argument("output_padding", 0),
+                               call.argument("dilation", 1))
 
 
 # ---------------------------------------------------------------- per-pixel normalisation
@@ -214,8 +309,8 @@ _GLOBAL_POOLING = ("adaptive/global pooling combines the whole feature map; end 
 _STATISTICS = ("it normalises with statistics over all positions of the image; use BatchNorm in eval "
                "mode, a channel LayerNorm, or move it to the head")
 _RESHAPE = "it reshapes the spatial axes, so positions no longer stay apart"
-_GRID = ("it changes the spatial grid in a way lightstream does not stream (only convolutions and "
-         "pooling are supported)")
+_GRID = ("it changes the spatial grid in a way lightstream does not stream (supported are convolutions, "
+         "pooling, transposed 2-d convolutions, integer upsampling and pixel (un)shuffle)")
 _REDUCTION = "a reduction over the feature map is global; do it in the head"
 
 _POINTWISE_MODULES = (
@@ -274,9 +369,15 @@ _ENTRIES: list[tuple[tuple[Any, ...], Op]] = [
     ((nn.MultiheadAttention, F.scaled_dot_product_attention),
      Op(REFUSED, reason="attention mixes all positions of the feature map")),
     ((nn.Flatten, nn.Unflatten, torch.flatten), Op(REFUSED, reason=_RESHAPE)),
-    ((nn.Upsample, nn.UpsamplingNearest2d, nn.UpsamplingBilinear2d, nn.PixelShuffle, nn.PixelUnshuffle,
-      nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d, F.interpolate, F.pixel_shuffle,
-      F.pixel_unshuffle, F.conv_transpose2d), Op(REFUSED, reason=_GRID)),
+    ((nn.ConvTranspose2d,), Op(TRANSPOSED_CONVOLUTION, _conv_transpose_module)),
+    ((F.conv_transpose2d,), Op(TRANSPOSED_CONVOLUTION, _conv_transpose_function)),
+    ((nn.Upsample,), Op(UPSAMPLING, _upsample_module)),  # UpsamplingBilinear2d: align_corners=True, refused
+    ((F.interpolate,), Op(UPSAMPLING, _interpolate_function)),
+    ((nn.PixelShuffle,), Op(UPSAMPLING, lambda call: _shuffle(call, call.module.upscale_factor))),
+    ((F.pixel_shuffle,), Op(UPSAMPLING, lambda call: _shuffle(call, call.argument("upscale_factor")))),
+    ((nn.PixelUnshuffle,), Op(POOLING, lambda call: _unshuffle(call, call.module.downscale_factor))),
+    ((F.pixel_unshuffle,), Op(POOLING, lambda call: _unshuffle(call, call.argument("downscale_factor")))),
+    ((nn.ConvTranspose1d, nn.ConvTranspose3d, F.conv_transpose1d, F.conv_transpose3d), Op(REFUSED, reason=_GRID)),
     ((torch.mean, torch.sum), Op(REFUSED, reason=_REDUCTION)),
     ((F.max_pool2d_with_indices,), Op(REFUSED, reason="max pooling with return_indices is not supported")),
 ]

@@ -37,7 +37,7 @@ from torch import nn
 
 from .arguments import call_arguments
 from .errors import UnsupportedLayerError
-from .window import Window
+from .window import AxisGeometry
 
 __all__ = ["Crop", "Family", "Layout", "Method", "Op", "OpCall", "OpGeometry", "PositionWise", "Refused",
            "SlidingWindow"]
@@ -61,7 +61,7 @@ class OpGeometry:
         dims: positions of the height and width axes in the op's output.
     """
 
-    window: tuple[Window, Window] | None
+    window: tuple[AxisGeometry, AxisGeometry] | None
     dims: tuple[int, int]
 
 

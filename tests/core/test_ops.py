@@ -33,9 +33,11 @@ class Call(nn.Module):
 
 def test_the_table_has_an_entry_for_every_family() -> None:
     families = {op.family.name for op in OPS.values()}
-    assert families == {"convolution", "pooling", "pointwise", "normalisation", "merge", "layout", "refused"}
+    assert families == {"convolution", "pooling", "transposed convolution", "upsampling", "pointwise",
+                        "normalisation", "merge", "layout", "refused"}
     crops = {op.family.name: op.family.crop for op in OPS.values()}
     assert crops["convolution"] is crops["pooling"] is Crop.WINDOW
+    assert crops["transposed convolution"] is crops["upsampling"] is Crop.WINDOW
     assert crops["pointwise"] is crops["merge"] is crops["layout"] is crops["normalisation"] is Crop.MERGE
     assert crops["refused"] is None
 
@@ -47,8 +49,10 @@ def test_the_table_has_an_entry_for_every_family() -> None:
     (F.dropout, "pointwise"), (nn.RReLU, "pointwise"), (nn.modules.batchnorm._BatchNorm, "normalisation"),
     (F.layer_norm, "normalisation"), (nn.Linear, "normalisation"), (nn.PReLU, "normalisation"),
     (operator.add, "merge"), (Method("mul"), "merge"), (torch.cat, "merge"), (Method("permute"), "layout"),
-    (torch.transpose, "layout"), (nn.GroupNorm, "refused"), (nn.ConvTranspose2d, "refused"),
-    (F.interpolate, "refused"), (torch.mean, "refused"),
+    (torch.transpose, "layout"), (nn.GroupNorm, "refused"),
+    (nn.ConvTranspose2d, "transposed convolution"), (F.conv_transpose2d, "transposed convolution"),
+    (F.interpolate, "upsampling"), (nn.Upsample, "upsampling"), (nn.PixelShuffle, "upsampling"),
+    (nn.PixelUnshuffle, "pooling"), (nn.ConvTranspose3d, "refused"), (torch.mean, "refused"),
 ])
 def test_each_operation_is_registered_under_its_family(key, family: str) -> None:
     assert OPS[key].family.name == family

@@ -1,0 +1,247 @@
+"""Dense prediction: upsampling, transposed convolution and skip merges stream exactly (float64).
+
+Each decoder operation is checked two ways: on every crop of a small map, the values the graph
+keeps equal the whole map's at those positions (the geometry is brute-forced), and whole
+segmentation networks (U-Nets, an FPN) stream with the output, every parameter gradient and the
+image gradient equal to the whole-image computation.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.models import resnet18
+
+from lightstream import StreamingCNN
+from lightstream.core.errors import UnsupportedLayerError
+from lightstream.core.graph import TrunkGraph
+from tests.conftest import assert_streaming_exact, relative_error
+
+DECODER_OPS = {
+    "nearest x2": nn.Upsample(scale_factor=2, mode="nearest"),
+    "nearest x3": nn.Upsample(scale_factor=3, mode="nearest"),
+    "nearest-exact x3": nn.Upsample(scale_factor=3, mode="nearest-exact"),
+    "bilinear x2": nn.Upsample(scale_factor=2, mode="bilinear"),
+    "bilinear x3": nn.Upsample(scale_factor=3, mode="bilinear"),
+    "bicubic x2": nn.Upsample(scale_factor=2, mode="bicubic"),
+    "bilinear (2, 3)": nn.Upsample(scale_factor=(2, 3), mode="bilinear"),
+    "transpose k2 s2": nn.ConvTranspose2d(3, 2, 2, stride=2),
+    "transpose k3 s2 p1 op1": nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
+    "transpose k4 s2 p1": nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1),
+    "transpose k3 s1 p1": nn.ConvTranspose2d(3, 2, 3, padding=1),
+    "transpose k1 s3": nn.ConvTranspose2d(3, 2, 1, stride=3),
+    "transpose k3 s3 d2 p2 op2 groups": nn.ConvTranspose2d(3, 3, 3, stride=3, dilation=2, padding=2,
+                                                           output_padding=2, groups=3),
+    "transpose (2,3) s(2,3) p(0,1)": nn.ConvTranspose2d(3, 2, (2, 3), stride=(2, 3), padding=(0, 1)),
+    "pixel shuffle 2": nn.Sequential(nn.Conv2d(3, 8, 1), nn.PixelShuffle(2)),
+    "pixel unshuffle 2": nn.PixelUnshuffle(2),
+}
+
+
+@pytest.mark.parametrize("name", DECODER_OPS)
+def test_every_crop_of_a_decoder_op_keeps_only_whole_map_values(name: str) -> None:
+    op = nn.Sequential(DECODER_OPS[name]).double().eval()
+    image = torch.randn(1, 3, 8, 10, dtype=torch.float64)
+    graph = TrunkGraph(op)
+    sizes = graph.sizes(8, 10)
+    expected = op(image)
+    assert expected.shape[-2:] == sizes[graph.output]
+    covered = torch.zeros(expected.shape[-2:], dtype=torch.bool)
+    for (top, bottom), (left, right) in itertools.product(itertools.combinations(range(9), 2),
+                                                          [(0, 10), (3, 7), (0, 4), (6, 10)]):
+        exact = [graph.exact_spans(span, axis, sizes)[graph.output] for axis, span in
+                 enumerate([(top, bottom), (left, right)])]
+        if any(hi <= lo for lo, hi in exact):
+            continue  # nothing is exact from so thin a crop
+        out, rows, cols = graph.run(image[..., top:bottom, left:right], (top, bottom), (left, right), sizes)
+        assert out.shape[-2:] == (rows[1] - rows[0], cols[1] - cols[0])
+        torch.testing.assert_close(out, expected[..., rows[0]:rows[1], cols[0]:cols[1]], rtol=0, atol=1e-12)
+        covered[rows[0]:rows[1], cols[0]:cols[1]] = True
+    assert covered.all(), "some output is exact from no crop at all"
+
+
+@pytest.mark.parametrize("name", DECODER_OPS)
+def test_the_input_a_decoder_op_needs_gives_exactly_the_wanted_outputs(name: str) -> None:
+    graph = TrunkGraph(nn.Sequential(DECODER_OPS[name]))
+    sizes = graph.sizes(8, 10)
+    rows = sizes[graph.output][0]
+    for lo, hi in itertools.combinations(range(rows + 1), 2):
+        need = graph.needed_span((lo, hi), 0, sizes)
+        got = graph.exact_spans(need, 0, sizes)[graph.output]
+        assert got[0] <= lo and got[1] >= hi, f"outputs {lo, hi} need {need}, which gives only {got}"
+
+
+def _block(cin: int, cout: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU())
+
+
+class TinyUNet(nn.Module):
+    """Two levels down, two up: a transposed convolution, then ``up`` (bilinear, nearest or
+    pixel shuffle), concatenated skips, a 1x1 classifier at full resolution."""
+
+    def __init__(self, up: str) -> None:
+        super().__init__()
+        self.enc1, self.enc2, self.mid = _block(3, 4), _block(4, 6), _block(6, 8)
+        self.pool = nn.MaxPool2d(2)
+        self.up2 = nn.ConvTranspose2d(8, 6, 2, stride=2)
+        self.dec2 = _block(12, 6)
+        if up == "pixel_shuffle":
+            self.up1 = nn.Sequential(nn.Conv2d(6, 16, 1), nn.PixelShuffle(2))
+        else:
+            self.up1 = nn.Sequential(nn.Upsample(scale_factor=2, mode=up), nn.Conv2d(6, 4, 1))
+        self.dec1 = _block(8, 4)
+        self.classify = nn.Conv2d(4, 3, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        e1 = self.enc1(x)
+        e2 = self.enc2(self.pool(e1))
+        m = self.mid(self.pool(e2))
+        d2 = self.dec2(torch.cat([self.up2(m), e2], dim=1))
+        d1 = self.dec1(torch.cat([self.up1(d2), e1], dim=1))
+        return self.classify(d1)
+
+
+class TinyFPN(nn.Module):
+    """Feature-pyramid top-down path: lateral 1x1 convolutions added to upsampled coarser maps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = _block(3, 4)
+        self.c2 = nn.Sequential(nn.Conv2d(4, 6, 3, stride=2, padding=1), nn.ReLU())
+        self.c3 = nn.Sequential(nn.Conv2d(6, 8, 3, stride=2, padding=1), nn.ReLU())
+        self.lat1, self.lat2, self.lat3 = nn.Conv2d(4, 5, 1), nn.Conv2d(6, 5, 1), nn.Conv2d(8, 5, 1)
+        self.smooth = nn.Conv2d(5, 2, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        c1 = self.c1(x)
+        c2 = self.c2(c1)
+        c3 = self.c3(c2)
+        p3 = self.lat3(c3)
+        p2 = self.lat2(c2) + F.interpolate(p3, scale_factor=2, mode="nearest")
+        p1 = self.lat1(c1) + F.interpolate(p2, scale_factor=2.0, mode="bilinear", align_corners=False)
+        return self.smooth(p1)
+
+
+class ResNet18UNet(nn.Module):
+    """A U-Net on a torchvision ResNet-18 encoder (strides 2..32), decoded back to the image
+    through narrow decoder blocks (the encoder is the part that sets the receptive field)."""
+
+    def __init__(self, width: int = 8) -> None:
+        super().__init__()
+        net = resnet18(weights=None)
+        self.stem = nn.Sequential(net.conv1, net.bn1, net.relu)
+        self.pool, self.layers = net.maxpool, nn.ModuleList([net.layer1, net.layer2, net.layer3, net.layer4])
+        skips = [64, 64, 128, 256]
+        self.ups = nn.ModuleList([nn.ConvTranspose2d(512, width, 2, stride=2)] +
+                                 [nn.ConvTranspose2d(width, width, 2, stride=2) for _ in range(3)])
+        self.decs = nn.ModuleList(_block(width + skips[i], width) for i in (3, 2, 1, 0))
+        self.final = nn.Sequential(nn.Upsample(scale_factor=2, mode="bilinear"), nn.Conv2d(width, 2, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.stem(x)]  # stride 2
+        y = self.pool(skips[0])
+        for layer in self.layers:  # strides 4, 8, 16, 32
+            y = layer(y)
+            skips.append(y)
+        y = skips.pop()
+        for up, dec in zip(self.ups, self.decs):
+            y = dec(torch.cat([up(y), skips.pop()], dim=1))
+        return self.final(y)
+
+
+def _randomise_batch_norm(module: nn.Module) -> nn.Module:
+    for bn in module.modules():
+        if isinstance(bn, nn.BatchNorm2d):
+            bn.running_mean.uniform_(-0.5, 0.5)
+            bn.running_var.uniform_(0.5, 2)
+    return module.double().eval()
+
+
+@pytest.mark.parametrize("up", ["bilinear", "nearest", "pixel_shuffle"])
+def test_a_unet_streams_exactly(up: str) -> None:
+    torch.manual_seed(0)
+    trunk = _randomise_batch_norm(TinyUNet(up))
+    scnn = assert_streaming_exact(trunk, torch.randn(2, 3, 64, 88, dtype=torch.float64), (40, 44),
+                                  min_tiles_per_axis=3)
+    assert scnn.output_stride == (1, 1)
+    plan = scnn.plan((2, 3, 64, 88))
+    owned = torch.zeros(plan.output_size, dtype=torch.int64)
+    for tile in plan.tiles:
+        owned[tile.output.rows, tile.output.cols] += 1
+    assert plan.output_size == (64, 88) and bool((owned == 1).all())
+
+
+def test_an_fpn_top_down_path_streams_exactly() -> None:
+    torch.manual_seed(0)
+    trunk = _randomise_batch_norm(TinyFPN())
+    assert_streaming_exact(trunk, torch.randn(2, 3, 36, 44, dtype=torch.float64), (20, 24))
+
+
+@pytest.mark.slow
+def test_a_resnet18_unet_streams_exactly() -> None:
+    torch.manual_seed(0)
+    trunk = _randomise_batch_norm(ResNet18UNet())
+    assert_streaming_exact(trunk, torch.randn(1, 3, 960, 992, dtype=torch.float64), (736, 768))
+
+
+def test_forward_autograd_of_a_unet_matches_the_whole_image() -> None:
+    torch.manual_seed(0)
+    trunk = _randomise_batch_norm(TinyUNet("bilinear"))
+    image = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    scnn = StreamingCNN(trunk, tile_size=(36, 40))
+    weights = torch.randn(2, 3, 48, 64, dtype=torch.float64)
+    expected = (trunk(image) * weights).sum()
+    expected.backward()
+    expected_grads = [p.grad.clone() for p in trunk.parameters()]
+    trunk.zero_grad(set_to_none=True)
+    streamed = (scnn.forward_autograd(image) * weights).sum()
+    streamed.backward()
+    assert relative_error(streamed.detach(), expected.detach()) <= 1e-12
+    for param, grad in zip(trunk.parameters(), expected_grads):
+        assert relative_error(param.grad, grad) <= 1e-10
+
+
+@pytest.mark.parametrize(("layer", "words"), [
+    (nn.Upsample(scale_factor=2, mode="bilinear", align_corners=True), "align_corners=True"),
+    (nn.UpsamplingBilinear2d(scale_factor=2), "align_corners=True"),
+    (nn.Upsample(size=(16, 16)), "size="),
+    (nn.Upsample(scale_factor=1.5), "whole number"),
+    (nn.Upsample(scale_factor=2, mode="area"), "mode='area'"),
+])
+def test_non_local_upsampling_is_refused_naming_the_module(layer: nn.Module, words: str) -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer)
+    with pytest.raises(UnsupportedLayerError, match="1") as error:
+        StreamingCNN(trunk, tile_size=32)
+    assert words in str(error.value)
+
+
+def test_transposed_convolution_with_output_size_is_refused() -> None:
+    class Fixed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.up = nn.ConvTranspose2d(3, 3, 3, stride=2, padding=1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.up(x, output_size=[64, 64])
+
+    with pytest.raises(UnsupportedLayerError, match="output_size") as error:
+        StreamingCNN(Fixed(), tile_size=32)
+    assert "up" in str(error.value)
+
+
+def test_global_pooling_in_a_decoder_is_refused_naming_the_module() -> None:
+    class GlobalContext(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv, self.context = nn.Conv2d(3, 4, 3, padding=1), nn.AdaptiveAvgPool2d(1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.conv(x)
+            return y + F.interpolate(self.context(y), scale_factor=8)
+
+    with pytest.raises(UnsupportedLayerError, match="context"):
+        StreamingCNN(GlobalContext(), tile_size=32)
