@@ -16,7 +16,7 @@ from lightstream.viz import owned_region, plot_tile_grid, thumbnail
 
 def test_grid_draws_every_tile_and_states_counts(engine: StreamingCNN, artist: Callable) -> None:
     plan = engine.plan((200, 300))
-    figure = plot_tile_grid(plan, torch.rand(1, 3, 200, 300))
+    figure = plot_tile_grid(plan, torch.rand(1, 3, 200, 300), zoom=False)
     assert isinstance(figure, Figure)
     assert len(artist(figure, "input-boxes").get_paths()) == len(plan) > 1
     assert len(artist(figure, "owned-regions").get_paths()) == len(plan)
@@ -32,9 +32,42 @@ def test_tile_count_follows_the_tile_size(engine: StreamingCNN, artist: Callable
     counts = []
     for size in (48, 64, 128):
         engine.tile_size = (size, size)
-        figure = plot_tile_grid(engine.plan((256, 256)))
+        figure = plot_tile_grid(engine.plan((256, 256)), zoom=False)
         counts.append(len(artist(figure, "input-boxes").get_paths()))
     assert counts[0] > counts[1] > counts[2]
+
+
+def test_new_figure_zooms_on_the_highlighted_tile_so_its_halo_shows(engine: StreamingCNN) -> None:
+    engine.tile_size = (512, 512)
+    plan = engine.plan((2048, 2048))
+    figure = plot_tile_grid(plan)
+    main, zoom = figure.axes
+    assert zoom.get_gid() == "zoom" and figure.get_figwidth() <= 9.0
+    tile = next(t for t in plan.tiles if t.index == (plan.grid[0] // 2, plan.grid[1] // 2))
+    region = owned_region(tile, plan)
+    halo = region.top - tile.input.top
+    assert halo > 0
+    (left, right), (bottom, top) = zoom.get_xlim(), zoom.get_ylim()
+    # the zoom holds the halo's corner, and the halo spans at least 1/20 of it (a hairline in the main view)
+    assert left < tile.input.left < region.left < right and top < tile.input.top < region.top < bottom
+    assert halo / (right - left) >= 1 / 20
+    assert halo / plan.image_size[1] < 1 / 200
+    zoomed = {a.get_gid() for a in zoom.get_children()}
+    assert {"highlight-input", "highlight-owned", "overlap", "input-boxes"} <= zoomed
+    assert "zoom-area" in {a.get_gid() for a in main.get_children()}
+    texts = [t.get_text() for t in figure.legends[0].get_texts()]
+    assert f"tile {tile.index}: halo, read but not owned ({halo}/" in " ".join(texts)
+
+
+def test_tiny_tiles_draw_a_subsampled_grid_not_a_plaid(engine: StreamingCNN, artist: Callable) -> None:
+    engine.tile_size = (32, 32)
+    plan = engine.plan((2048, 2048))
+    assert max(plan.grid) > 32
+    figure = plot_tile_grid(plan)
+    drawn = len(artist(figure, "input-boxes").get_paths())
+    assert 4 <= drawn <= 13 * 13 < len(plan)
+    assert "overlap" not in {a.get_gid() for a in figure.axes[0].get_children()}
+    assert any("per side drawn" in t.get_text() for t in figure.legends[0].get_texts())
 
 
 def test_owned_regions_partition_the_covered_image(engine: StreamingCNN) -> None:
