@@ -44,7 +44,7 @@ INJECTED_TAG = "injected-parameters"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 SMALL_PARAMETERS: dict[str, dict[str, Any]] = {
-    "01_quickstart": {"IMAGE_SIZE": 512, "TILE_SIZE": 256, "N_TRAIN": 24, "N_VAL": 8, "EPOCHS": 3,
+    "01_quickstart": {"IMAGE_SIZE": 512, "TILE_SIZE": 256, "N_TRAIN": 24, "N_VAL": 16, "EPOCHS": 3,
                       "PROGRESS_BAR": False},
     "02_choosing_a_tile_size": {"IMAGE_SIZE": 1024, "MEASURE_SIZE": 512, "MEMORY_BUDGET_GIB": 0.5},
     "03_whole_slide_images": {"SLIDE_SIZE": 4096, "N_SLIDES": 2, "TILE_SIZE": 512},
@@ -52,7 +52,7 @@ SMALL_PARAMETERS: dict[str, dict[str, Any]] = {
     "05_scaling_up": {"IMAGE_SIZE": 256, "TILE_SIZE": 128, "N_TRAIN": 8, "N_VAL": 4, "EPOCHS": 2,
                       "PROGRESS_BAR": False},
 }
-"""CI sizes per notebook (by file stem): small enough that all five run in a few minutes on 2 cores."""
+"""CI sizes per notebook (by file stem): small enough that all of them run in a few minutes on 2 cores."""
 
 logger = logging.getLogger("run_notebooks")
 

@@ -16,7 +16,7 @@ from lightstream.core import LayerProfile
 
 from ._axes import NOTEBOOK_WIDTH, styled
 
-__all__ = ["plot_receptive_profile", "limiting_layer", "border_increase"]
+__all__ = ["border_increase", "limiting_layer", "plot_receptive_profile"]
 
 logger = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from lightstream.core import Box, Tile, TilePlan
 
 from ._axes import NOTEBOOK_WIDTH, styled
 
-__all__ = ["plot_tile_grid", "thumbnail", "owned_region"]
+__all__ = ["owned_region", "plot_tile_grid", "thumbnail"]
 
 logger = logging.getLogger(__name__)
 
