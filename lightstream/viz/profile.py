@@ -158,8 +158,8 @@ def plot_receptive_profile(
         figure.legend(handles=handles, loc="outside lower center", ncols=2)
         figure.suptitle(_title(stages, tile_size))
     else:
-        lost_ax.legend(handles=handles, loc="upper left")
-        lost_ax.set_title(_title(stages, tile_size), pad=18)
+        lost_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18 if twin else 1.02, 1))   # covers no curve
+        lost_ax.set_title(_title(stages, tile_size).replace("; ", "\n"), pad=18)   # an Axes is narrower
     logger.debug("drew the profile of %d layers in %d stage(s)", len(layers), len(stages))
     return figure
 

@@ -172,7 +172,7 @@ def plot_tile_grid(
     if zoom_ax is not None and zoom_ax.get_subplotspec() is not None:
         figure.legend(handles=handles, loc="outside lower center", ncols=2)
     else:
-        ax.legend(handles=handles, loc="upper right", framealpha=0.85)
+        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside: covers no tile
     logger.debug("drew %d tiles over a %dx%d image", len(tiles), height, width)
     return figure
 

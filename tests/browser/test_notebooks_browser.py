@@ -49,6 +49,9 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, chromium, notebook: Path) -> 
         assert "Error displaying widget" not in body, f"{notebook.name}: a widget failed to render"
         assert "Loading widget" not in body, f"{notebook.name}: a widget never rendered"
 
+        page.keyboard.press("Control+End")
+        page.wait_for_timeout(300)
+        page.screenshot(path=str(screenshot))
         for index, tuner in enumerate(page.locator(".lightstream-tuner").all()):
             tuner.scroll_into_view_if_needed()
             page.wait_for_timeout(300)
@@ -58,9 +61,6 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, chromium, notebook: Path) -> 
             assert box["width"] <= SCREEN["width"] and box["height"] <= SCREEN["height"], (
                 f"{notebook.name}: tuner {index} is {box['width']:.0f}×{box['height']:.0f} px, "
                 f"larger than a {SCREEN['width']}×{SCREEN['height']} screen")
-        page.keyboard.press("Control+End")
-        page.wait_for_timeout(300)
-        page.screenshot(path=str(screenshot))
     except Exception:
         page.screenshot(path=str(screenshot.with_name(f"{notebook.stem}_failure.png")))
         sys.stderr.write(lab.log.read_text()[-4000:])
