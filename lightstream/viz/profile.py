@@ -70,6 +70,7 @@ def plot_receptive_profile(
     cuts: Sequence[str] = (),
     tile_size: int | tuple[int, int] | None = None,
     mark_limiting: bool = True,
+    legend: bool = True,
 ) -> Figure:
     """Plot the lost border per side and the receptive field of every layer; returns the figure.
 
@@ -92,6 +93,8 @@ def plot_receptive_profile(
             (unstaged) and the no-loss sentence names it.
         mark_limiting: mark the layer found by :func:`limiting_layer` (in each stage: a stage
             is tiled on its own, so each has its own tile stride).
+        legend: draw the key (below a new figure, beside a given ``ax``); a host that keys the
+            marks itself (a compact widget) can leave it out.
     """
     stages = _as_stages(profile)
     layers = [layer for stage in stages for layer in stage]
@@ -155,10 +158,12 @@ def plot_receptive_profile(
     if not twin:
         lost_ax.tick_params(axis="x", labelbottom=False)
     if ax is None:
-        figure.legend(handles=handles, loc="outside lower center", ncols=2)
+        if legend:
+            figure.legend(handles=handles, loc="outside lower center", ncols=2)
         figure.suptitle(_title(stages, tile_size))
     else:
-        lost_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18 if twin else 1.02, 1))   # covers no curve
+        if legend:   # beside the plot: it covers no curve
+            lost_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18 if twin else 1.02, 1))
         lost_ax.set_title(_title(stages, tile_size).replace("; ", "\n"), pad=18)   # an Axes is narrower
     logger.debug("drew the profile of %d layers in %d stage(s)", len(layers), len(stages))
     return figure

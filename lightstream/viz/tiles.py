@@ -106,6 +106,7 @@ def plot_tile_grid(
     highlight: tuple[int, int] | None = None,
     max_size: int = 1024,
     zoom: bool | None = None,
+    legend: bool = True,
 ) -> Figure:
     """Draw the tiles of ``plan`` over ``image`` (or an empty canvas); returns the figure.
 
@@ -129,10 +130,13 @@ def plot_tile_grid(
         max_size: longest side of the displayed image.
         zoom: draw the zoomed view of the highlighted tile: a side panel on a new figure, an
             inset on a given ``ax``. Default: on a new figure only (and only with several tiles).
+        legend: draw the key (below a new figure, beside a given ``ax``); a host that keys the
+            marks itself (a compact widget) can leave it out.
     """
     tiles = plan.tiles
     chosen = highlight if highlight is not None else (
         (plan.grid[0] // 2, plan.grid[1] // 2) if len(tiles) > 1 else None)
+    narrow = ax is not None   # a given Axes: the title takes three lines
     zoom = (ax is None) if zoom is None else zoom
     zoom = zoom and chosen is not None
     if ax is None:
@@ -154,7 +158,8 @@ def plot_tile_grid(
     ax.set_ylabel("image y (px)")
     th, tw = plan.tile_size
     tiles_text = f"{len(plan)} tile{'s' if len(plan) > 1 else ''}"
-    ax.set_title(f"{tiles_text} ({plan.grid[0]}×{plan.grid[1]}) of ≤{th}×{tw} px, "
+    separator = "\n" if narrow else ", "
+    ax.set_title(f"{tiles_text} ({plan.grid[0]}×{plan.grid[1]}) of ≤{th}×{tw} px{separator}"
                  f"pixels read ×{plan.recompute_factor:.2f}\nforward and backward use the same tiles")
     if zoom_ax is not None and chosen is not None:
         _draw_tiles(zoom_ax, plan, picture, chosen, 1, zoomed=True)
@@ -169,9 +174,9 @@ def plot_tile_grid(
             whole = right >= next(t.input.right for t in plan.tiles if t.index == chosen)
             zoom_ax.set_title(f"zoom: tile {chosen}" if whole else f"zoom: top-left corner of tile {chosen}")
             zoom_ax.set_xlabel("image x (px)")
-    if zoom_ax is not None and zoom_ax.get_subplotspec() is not None:
+    if legend and zoom_ax is not None and zoom_ax.get_subplotspec() is not None:
         figure.legend(handles=handles, loc="outside lower center", ncols=2)
-    else:
+    elif legend:
         ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside: covers no tile
     logger.debug("drew %d tiles over a %dx%d image", len(tiles), height, width)
     return figure

@@ -49,9 +49,9 @@ def test_notebook_runs_all_in_jupyterlab(lab: Lab, chromium, notebook: Path) -> 
         assert "Error displaying widget" not in body, f"{notebook.name}: a widget failed to render"
         assert "Loading widget" not in body, f"{notebook.name}: a widget never rendered"
 
-        page.keyboard.press("Control+End")
+        page.locator(".jp-Notebook .jp-Cell").last.scroll_into_view_if_needed()
         page.wait_for_timeout(300)
-        page.screenshot(path=str(screenshot))
+        page.screenshot(path=str(screenshot))   # the end of the notebook
         for index, tuner in enumerate(page.locator(".lightstream-tuner").all()):
             tuner.scroll_into_view_if_needed()
             page.wait_for_timeout(300)

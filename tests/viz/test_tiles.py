@@ -129,3 +129,12 @@ def test_thumbnail_accepts_tensors_arrays_images_and_slides(image: object, shape
 def test_thumbnail_rejects_what_it_cannot_draw() -> None:
     with pytest.raises(TypeError, match="cannot draw"):
         thumbnail("not an image")
+
+
+def test_a_host_can_leave_the_key_out(engine: StreamingCNN) -> None:
+    figure = Figure()
+    ax = figure.add_subplot()
+    plot_tile_grid(engine.plan((200, 300)), ax=ax, legend=False)
+    assert ax.get_legend() is None and not figure.legends
+    plot_tile_grid(engine.plan((200, 300)), ax=ax)
+    assert ax.get_legend() is not None
