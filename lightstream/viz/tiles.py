@@ -133,6 +133,9 @@ def plot_tile_grid(
         legend: draw the key (below a new figure, beside a given ``ax``); a host that keys the
             marks itself (a compact widget) can leave it out.
     """
+    if highlight is not None and not all(0 <= i < n for i, n in zip(highlight, plan.grid)):
+        raise ValueError(f"highlight {highlight} is outside the {plan.grid[0]}×{plan.grid[1]} tile grid "
+                         "(give a (row, col) index of a tile)")
     tiles = plan.tiles
     chosen = highlight if highlight is not None else (
         (plan.grid[0] // 2, plan.grid[1] // 2) if len(tiles) > 1 else None)

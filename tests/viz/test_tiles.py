@@ -138,3 +138,20 @@ def test_a_host_can_leave_the_key_out(engine: StreamingCNN) -> None:
     assert ax.get_legend() is None and not figure.legends
     plot_tile_grid(engine.plan((200, 300)), ax=ax)
     assert ax.get_legend() is not None
+
+
+def test_zoom_on_a_given_axes_is_an_inset_on_the_chosen_tile(engine: StreamingCNN) -> None:
+    plan = engine.plan((256, 256))
+    figure = Figure()
+    ax = figure.add_subplot()
+    plot_tile_grid(plan, ax=ax, zoom=True, highlight=(0, 1))
+    (inset,) = ax.child_axes
+    tile = next(t for t in plan.tiles if t.index == (0, 1))
+    (left, right), (bottom, top) = inset.get_xlim(), inset.get_ylim()
+    assert left <= tile.input.left < right and top <= tile.input.top < bottom
+
+
+def test_highlight_outside_the_grid_is_refused(engine: StreamingCNN) -> None:
+    plan = engine.plan((256, 256))
+    with pytest.raises(ValueError, match=r"highlight \(9, 0\) is outside the \d+×\d+ tile grid"):
+        plot_tile_grid(plan, highlight=(9, 0))
