@@ -11,11 +11,12 @@ from matplotlib.patches import Patch
 
 from lightstream.data.overlay import blend_labels, label_colors
 
-from ._axes import figure_and_axes
+from ._axes import figure_and_axes, styled
 
 __all__ = ["plot_label_overlay"]
 
 
+@styled
 def plot_label_overlay(thumbnail: np.ndarray, labels: np.ndarray, ax: Axes | None = None, alpha: float = 0.5,
                        class_names: Sequence[str] | None = None, title: str | None = None) -> Figure:
     """Draw ``labels`` (class indices on the thumbnail's grid) tinted over ``thumbnail``.
@@ -33,7 +34,7 @@ def plot_label_overlay(thumbnail: np.ndarray, labels: np.ndarray, ax: Axes | Non
         for k in present
     ]
     if handles:
-        ax.legend(handles=handles, loc="upper right", fontsize="small")
+        ax.legend(handles=handles, loc="upper right")
     ax.set_axis_off()
     if title:
         ax.set_title(title)
