@@ -157,11 +157,15 @@ class TileTunerModel:
                       default_tile_sizes(self.minimum_tile_size, max(geometry.output_stride), max(size)))
         if tile_size is None and self.target is not None:
             tile_size = self.target.tile_size[0]
+        self._plan_keys: dict[int, tuple] = {}
+        self.tile_sizes: list[int] = self._distinct(sorted(options))
+        """The tile sides to choose from: one per distinct plan (the smallest side giving it; of
+        the sides too small for the trunk, the largest), so every step of a slider changes the plan."""
         if tile_size is None:
-            comfortable = sorted(t for t in options if t >= 2 * self.minimum_tile_size)
-            tile_size = comfortable[0] if comfortable else max(options)
-        self.tile_sizes: list[int] = sorted(options | {int(tile_size)})
-        """The tile sides to choose from (the initial one included)."""
+            comfortable = [t for t in self.tile_sizes if t >= 2 * self.minimum_tile_size]
+            tile_size = comfortable[0] if comfortable else self.tile_sizes[-1]
+        else:
+            tile_size = self.snap(tile_size)
         self.thumbnail: np.ndarray | None = (thumbnail(image, thumbnail_size)
                                              if not isinstance(image, (tuple, list)) else None)
         self.plan: TilePlan | None = None
@@ -174,6 +178,49 @@ class TileTunerModel:
         self.measurement: StepMeasurement | None = None
         self._tile_size = 0
         self.tile_size = tile_size
+
+    def plan_key(self, tile_size: int) -> tuple:
+        """What the engine would compute at ``tile_size``: per stage its name and tile spans
+        (equal keys, equal computation), or ``("invalid", reason)``. Cached per side."""
+        side = _square(tile_size)
+        if side not in self._plan_keys:
+            previous = self.engine.tile_size
+            try:
+                self.engine.tile_size = (side, side)
+                self._plan_keys[side] = tuple((p.stage.name, p.plan.row_spans, p.plan.col_spans)
+                                              for p in self.engine.stage_plans(self.image_shape))
+            except TileTooSmallError:
+                self._plan_keys[side] = ("invalid", "tile too small")
+            except ValueError as error:
+                self._plan_keys[side] = ("invalid", str(error))
+            finally:
+                self.engine.tile_size = previous
+        return self._plan_keys[side]
+
+    def snap(self, tile_size: int) -> int:
+        """The option giving the same plan as ``tile_size``; a side with a plan no option gives is
+        added to :attr:`tile_sizes` and returned as it is."""
+        side = _square(tile_size)
+        if side in self.tile_sizes:
+            return side
+        key = self.plan_key(side)
+        same = [t for t in self.tile_sizes if self.plan_key(t) == key]
+        if same:
+            return same[0]
+        self.tile_sizes = sorted([*self.tile_sizes, side])
+        return side
+
+    def _distinct(self, options: list[int]) -> list[int]:
+        """``options`` (sorted) with each run of sides giving one plan reduced to one side."""
+        kept: list[int] = []
+        for side in options:
+            key = self.plan_key(side)
+            if kept and self.plan_key(kept[-1]) == key:
+                if key[0] == "invalid":  # keep the largest too-small side: just below the minimum
+                    kept[-1] = side
+                continue
+            kept.append(side)
+        return kept
 
     @property
     def tile_size(self) -> int:
