@@ -27,12 +27,13 @@ import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import TracebackType
+from typing import Self
 
 import psutil
 import torch
 from torch.autograd import profiler
 
-__all__ = ["TensorPeak", "process_rss", "reset_peak_rss", "peak_rss", "RSS_REASON"]
+__all__ = ["RSS_REASON", "TensorPeak", "peak_rss", "process_rss", "reset_peak_rss"]
 
 RSS_REASON = "process RSS also counts allocator caching and library pages"
 """Why process RSS is larger than the tensor peak, in one line (shown next to RSS figures)."""
@@ -62,7 +63,7 @@ class TensorPeak:
         self._base = 0
         self._profiler: profiler.profile | None = None
 
-    def __enter__(self) -> TensorPeak:
+    def __enter__(self) -> Self:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             torch.cuda.reset_peak_memory_stats(self.device)

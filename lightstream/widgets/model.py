@@ -11,21 +11,39 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
 import torch
 from torch import nn
 
-from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
+from lightstream.core import (
+    ImageSource,
+    LayerProfile,
+    StreamingCNN,
+    TilePlan,
+    TileTooSmallError,
+)
 from lightstream.core.checks import tile_pair
 from lightstream.core.estimate import StepEstimate
-from lightstream.core.memory import RSS_REASON, TensorPeak, peak_rss, process_rss, reset_peak_rss
+from lightstream.core.memory import (
+    RSS_REASON,
+    TensorPeak,
+    peak_rss,
+    process_rss,
+    reset_peak_rss,
+)
 from lightstream.core.stages import StagePlan
 from lightstream.viz import thumbnail
 
-__all__ = ["TileTunerModel", "StepMeasurement", "default_tile_sizes", "estimate_disagreement", "stage_profiles",
-           "streaming_network"]
+__all__ = [
+    "StepMeasurement",
+    "TileTunerModel",
+    "default_tile_sizes",
+    "estimate_disagreement",
+    "stage_profiles",
+    "streaming_network",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -437,7 +455,7 @@ class _TileCounter:
         self.progress, self.cancel = progress, cancel
         self._handles: list[Any] = []
 
-    def __enter__(self) -> _TileCounter:
+    def __enter__(self) -> Self:
         self._handles = [module.register_forward_pre_hook(self._count) for module in self.modules]
         return self
 

@@ -211,8 +211,8 @@ class TileTuner:
                 ("compute per pass (recompute factor)",
                  f"× {estimate.recompute_factor:.2f} the whole image"),
                 ("estimated step time", f"× {estimate.relative_time:.2f} a whole-image step"),
-                ("estimated peak memory (tensors)", f"{format_bytes(estimate.peak_bytes)} (whole image: "
-                                                    f"{format_bytes(estimate.whole_image_bytes)})"),
+                ("estimated peak memory (tensors)", (f"{format_bytes(estimate.peak_bytes)} (whole image: "
+                                                     f"{format_bytes(estimate.whole_image_bytes)})")),
             ]
         _, _, height, width = model.image_shape
         if len(model.stage_plans) > 1:
@@ -220,9 +220,9 @@ class TileTuner:
                 f"{p.stage.name}: {len(p.plan)} × {p.tile_size[0]}" for p in model.stage_plans)))
         if model.profiles and model.profiles[0]:
             top, left, bottom, right = model.profiles[0][-1].lost
-            rows.append(("valid interior of a tile", f"{model.tile_size - top - bottom} × "
+            rows.append(("valid interior of a tile", (f"{model.tile_size - top - bottom} × "
                          f"{model.tile_size - left - right} px (border lost: {top}/{bottom} px top/bottom, "
-                         f"{left}/{right} px left/right)"))
+                         f"{left}/{right} px left/right)")))
         cells = "".join(f"<tr><td>{name}</td><td>{value}</td></tr>" for name, value in rows)
         return (f'<table style="font-size:90%"><tr><td>tile {model.tile_size} px on a {height} × {width} px '
                 f'image: tiles</td><td><b class="lightstream-tile-count">{tiles}</b></td></tr>{cells}</table>')
