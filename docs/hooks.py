@@ -1,0 +1,146 @@
+"""MkDocs hooks: build the guide, the API reference and the tutorial list from the repository.
+
+Nothing here is copied by hand, so the site cannot drift from its sources:
+
+- **Guide**: ``README.md`` is split at its ``##`` headings. The text before the first one is the
+  home page; each section becomes ``guide/<slug>.md`` (its ``###`` headings moved up one level).
+  Links to ``notebooks/NN_name.ipynb`` point at the rendered tutorial; any other relative link
+  is kept, so ``--strict`` fails on one that leads nowhere.
+- **API reference**: one page per subpackage of ``lightstream`` (``api/<name>.md``): the
+  package's docstring, then every public module's (``::: lightstream.core.engine``, ...),
+  rendered by mkdocstrings from the docstrings. A module added later appears by itself.
+- **Tutorials**: the executed notebooks that ``scripts/docs.py`` copied to ``docs/tutorials/``
+  (gitignored), in file-name order, titled by their first heading; mkdocs-jupyter renders them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+from mkdocs.config.defaults import MkDocsConfig
+from mkdocs.structure.files import File, Files
+
+logger = logging.getLogger("mkdocs.hooks.lightstream")
+
+REPO = Path(__file__).resolve().parents[1]
+README = REPO / "README.md"
+PACKAGE = REPO / "lightstream"
+TUTORIALS = "tutorials"
+_FENCE = re.compile(r"^\s*(```|~~~)")
+_NOTEBOOK_LINK = re.compile(r"\]\((?:\.?/)?notebooks/(?P<name>[^)#\s]+)\.ipynb(?P<anchor>#[^)\s]*)?\)")
+
+
+def slugify(title: str) -> str:
+    """The file name of a guide section: ``Train on your slides`` -> ``train-on-your-slides``."""
+    text = re.sub(r"`|\*", "", title).lower()
+    return re.sub(r"[^a-z0-9]+", "-", text).strip("-") or "section"
+
+
+def split_readme(text: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """README text -> (home page, [(title, slug, page text)]), split at ``##`` outside code fences."""
+    home: list[str] = []
+    sections: list[tuple[str, list[str]]] = []
+    fenced = False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        if not fenced and line.startswith("## "):
+            sections.append((line[3:].strip(), []))
+            continue
+        if sections:
+            if not fenced and re.match(r"^#{3,6} ", line):
+                line = line[1:]
+            sections[-1][1].append(line)
+        else:
+            home.append(line)
+    pages = []
+    seen: set[str] = set()
+    for title, lines in sections:
+        slug = slugify(title)
+        while slug in seen:
+            slug += "-2"
+        seen.add(slug)
+        pages.append((title, slug, f"# {title}\n" + "\n".join(lines).rstrip() + "\n"))
+    return "\n".join(home).rstrip() + "\n", pages
+
+
+def _relink(text: str, depth: int) -> str:
+    """Point README links to ``notebooks/*.ipynb`` at the rendered tutorials."""
+    up = "../" * depth
+    return _NOTEBOOK_LINK.sub(lambda m: f"]({up}{TUTORIALS}/{m['name']}.ipynb{m['anchor'] or ''})", text)
+
+
+def api_pages() -> list[tuple[str, str, str]]:
+    """[(title, path, markdown)] of the API reference: the package, then each subpackage."""
+    pages = [("lightstream", "api/index.md", _api_page("lightstream", [p for p in _modules(PACKAGE)]))]
+    for sub in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")):
+        pages.append((sub.name, f"api/{sub.name}.md", _api_page(f"lightstream.{sub.name}", _modules(sub))))
+    return pages
+
+
+def _modules(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
+
+
+def _api_page(package: str, modules: list[Path]) -> str:
+    lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      members: false",
+             "      show_root_heading: false", ""]
+    for module in modules:
+        lines += [f"::: {package}.{module.stem}", "    options:", "      heading_level: 2", ""]
+    return "\n".join(lines)
+
+
+def tutorial_notebooks(docs_dir: Path) -> list[tuple[str, str]]:
+    """[(title, path)] of the notebooks in ``docs/tutorials/``, titled by their first Markdown heading."""
+    found = []
+    for path in sorted((docs_dir / TUTORIALS).glob("*.ipynb")):
+        title = path.stem
+        try:
+            cells = json.loads(path.read_text(encoding="utf-8")).get("cells", [])
+        except (OSError, ValueError):
+            cells = []
+        for cell in cells:
+            if cell.get("cell_type") == "markdown":
+                source = "".join(cell.get("source", []))
+                heading = re.search(r"^#\s+(.+)$", source, re.MULTILINE)
+                if heading:
+                    title = heading[1].strip()
+                break
+        found.append((title, f"{TUTORIALS}/{path.name}"))
+    return found
+
+
+def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
+    """Set the navigation from the README's sections, the package's modules and the tutorials."""
+    _, sections = split_readme(README.read_text(encoding="utf-8"))
+    docs_dir = Path(config.docs_dir)
+    nav: list[Any] = [{"Home": "index.md"}]
+    nav.append({"Guide": [{title: f"guide/{slug}.md"} for title, slug, _ in sections]})
+    tutorials = tutorial_notebooks(docs_dir)
+    if tutorials:
+        nav.append({"Tutorials": [{title: path} for title, path in tutorials]})
+    else:
+        logger.info("no executed notebooks in %s; run scripts/docs.sh build", docs_dir / TUTORIALS)
+    nav.append({"API reference": [{title: path} for title, path, _ in api_pages()]})
+    config.nav = nav
+    return config
+
+
+def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
+    """Add the generated Markdown pages (home, guide sections, API reference)."""
+    home, sections = split_readme(README.read_text(encoding="utf-8"))
+    generated = {"index.md": _relink(home, 0)}
+    for _, slug, text in sections:
+        generated[f"guide/{slug}.md"] = _relink(text, 1)
+    for _, path, text in api_pages():
+        generated[path] = text
+    for path, text in generated.items():
+        existing = files.get_file_from_path(path)
+        if existing is not None:
+            files.remove(existing)
+        files.append(File.generated(config, path, content=text))
+    return files
