@@ -11,7 +11,8 @@ Markdown, so this extension rewrites each role once the package is loaded:
 - a target that resolves nowhere is still written as a cross-reference, so that ``mkdocs build
   --strict`` fails on it and names it (a renamed class, a typo).
 
-``~`` shows only the last component, as in Sphinx; ``:func:``/``:meth:`` get ``()``.
+``~`` shows only the last component, as in Sphinx; ``:func:``/``:meth:`` get ``()``. A reST
+literal-block marker (``Example::`` before an indented block) loses its second colon.
 """
 
 from __future__ import annotations
@@ -27,6 +28,9 @@ logger = logging.getLogger(__name__)
 ROLE = re.compile(r":(?:py:)?(?P<role>class|mod|func|meth|attr|data|exc|obj|const)?:`(?P<body>[^`]+)`")
 """A Sphinx role: ``:class:`~a.b.C```, ``:meth:`label <a.b.C.m>```."""
 
+LITERAL = re.compile(r"(\S)::\n[ \t]*\n(?=[ \t]+\S)")
+"""reST's ``text::`` before an indented block: Markdown shows the block as code already, so ``text:``."""
+
 PACKAGE = "lightstream"
 
 
@@ -37,8 +41,9 @@ class SphinxRoles(griffe.Extension):
         if pkg.path != PACKAGE:
             return
         for obj in _walk(pkg):
-            if obj.docstring is not None and ":`" in obj.docstring.value:
-                obj.docstring.value = ROLE.sub(lambda m, o=obj: _rewrite(m, o, pkg), obj.docstring.value)
+            if obj.docstring is not None:
+                value = ROLE.sub(lambda m, o=obj: _rewrite(m, o, pkg), obj.docstring.value)
+                obj.docstring.value = LITERAL.sub(r"\1:\n\n", value)
 
 
 def _walk(obj: griffe.Object) -> Any:

@@ -87,10 +87,34 @@ def _modules(folder: Path) -> list[Path]:
 
 
 def _api_page(package: str, modules: list[Path]) -> str:
+    """The package's docstring, its public modules (those its ``__init__`` imports, in that order), then the rest."""
+    init = (modules[0].parent / "__init__.py") if modules else None
+    imported = re.findall(r"^from \.(\w+) import", init.read_text(encoding="utf-8"), re.MULTILINE) if init else []
+    order = {name: i for i, name in reversed(list(enumerate(imported)))}
+    public = sorted((m for m in modules if m.stem in order), key=lambda m: order[m.stem])
+    internal = [m for m in modules if m.stem not in order]
     lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      members: false",
              "      show_root_heading: false", ""]
-    for module in modules:
+    for module in public:
         lines += [f"::: {package}.{module.stem}", "    options:", "      heading_level: 2", ""]
+    if internal:
+        lines += ["## Internal modules", "",
+                  "Used by the modules above; documented for contributors, not re-exported.", ""]
+        for module in internal:
+            lines += [f"::: {package}.{module.stem}", "    options:", "      heading_level: 3", ""]
+    return "\n".join(lines)
+
+
+def _contents(sections: list[tuple[str, str, str]], tutorials: list[tuple[str, str]]) -> str:
+    """The home page's table of contents, as links that ``--strict`` checks."""
+    lines = ["", "## Contents", "", "**Guide** (the README, one page per section): "
+             + " · ".join(f"[{title}](guide/{slug}.md)" for title, slug, _ in sections), ""]
+    if tutorials:
+        lines += ["**Tutorials** (executed notebooks with their figures):", ""]
+        lines += [f"- [{title}]({path})" for title, path in tutorials]
+        lines.append("")
+    lines += ["**API reference** (from the docstrings): "
+              + " · ".join(f"[`{title}`]({path})" for title, path, _ in api_pages()), ""]
     return "\n".join(lines)
 
 
@@ -133,7 +157,8 @@ def on_config(config: MkDocsConfig, **kwargs: Any) -> MkDocsConfig:
 def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
     """Add the generated Markdown pages (home, guide sections, API reference)."""
     home, sections = split_readme(README.read_text(encoding="utf-8"))
-    generated = {"index.md": _relink(home, 0)}
+    contents = _contents(sections, tutorial_notebooks(Path(config.docs_dir)))
+    generated = {"index.md": _relink(home, 0) + contents}
     for _, slug, text in sections:
         generated[f"guide/{slug}.md"] = _relink(text, 1)
     for _, path, text in api_pages():
