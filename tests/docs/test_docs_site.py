@@ -123,6 +123,7 @@ def test_the_real_config_is_strict_and_ci_builds_it() -> None:
     assert "scripts/docs.sh build" in ci and ci.index("pytest") < ci.index("scripts/docs.sh build")
 
 
+@pytest.mark.slow
 def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tmp_path: Path) -> None:
     config = _project(tmp_path, "drawn by :func:`draw_hexagon` (renamed).",
                       "# Home\n\nSee [the missing page](missing.md) and [a section](#no-such-section).\n",
@@ -136,6 +137,7 @@ def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tm
     assert "no-such-section" in log        # the anchor to no heading
 
 
+@pytest.mark.slow
 def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path) -> None:
     config = _project(tmp_path, "see :class:`~lightstream.shapes.Square`.", "# Home\n\n[API](api.md)\n",
                       {"01_tiny": _notebook(2)})
@@ -164,6 +166,7 @@ def _fresh_executed_notebooks() -> list[Path]:
     return fresh
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _fresh_executed_notebooks(),
                     reason="no executed notebooks in output/notebooks (the notebook test or run_notebooks.py --small makes them)")
 def test_executed_tutorials_render_with_all_their_figures(tmp_path: Path) -> None:
