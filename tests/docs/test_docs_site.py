@@ -97,7 +97,7 @@ def _project(tmp_path: Path, docstring: str, page: str, notebooks: dict[str, dic
         else:
             target.write_text(json.dumps(notebook))
         nav.append({name: f"tutorials/{name}.ipynb"})
-    config = {k: copy.deepcopy(v) for k, v in real.items() if k not in {"hooks", "exclude_docs"}}
+    config = {k: copy.deepcopy(v) for k, v in real.items() if k not in {"hooks", "exclude_docs", "watch"}}
     config.update(docs_dir=str(docs), site_dir=str(tmp_path / "site"), nav=nav)
     for plugin in config["plugins"]:
         if isinstance(plugin, dict) and "mkdocstrings" in plugin:
