@@ -41,10 +41,14 @@ SITE = REPO / "site"
 CONFIG = REPO / "mkdocs.yml"
 sys.path.insert(0, str(REPO / "scripts"))
 
-import run_notebooks as runner  # noqa: E402  (scripts/run_notebooks.py, the runner the notebook test uses)
+import run_notebooks as runner
 
 logger = logging.getLogger("docs")
 _PNG_IMG = re.compile(r"<img\b[^>]*\bsrc=\"data:image/png;base64,[A-Za-z0-9+/=]{100,}")
+
+
+BUILD_OPTIONS: tuple[str, ...] = ()
+"""Options of ``mkdocs build`` besides ``--strict`` (not ``--quiet``: it hides the warnings strict mode counts)."""
 
 
 class DocsError(RuntimeError):
@@ -131,15 +135,20 @@ def mkdocs(command: str, *args: str, config: Path = CONFIG) -> None:
         filter(None, [str(REPO), os.environ.get("PYTHONPATH", "")])))
     cmd = [sys.executable, "-m", "mkdocs", command, "--strict", "-f", str(config), *args]
     logger.info("%s", " ".join(cmd[2:]))
-    if subprocess.run(cmd, cwd=config.parent, env=env).returncode != 0:
+    if subprocess.run(cmd, check=False, cwd=config.parent, env=env).returncode != 0:
         raise DocsError(f"mkdocs {command} --strict failed (messages above)")
+
+
+def build_site(config: Path = CONFIG, site_dir: Path = SITE, *extra: str) -> None:
+    """``mkdocs build --strict`` of ``config`` into ``site_dir``; raises DocsError on any warning."""
+    mkdocs("build", *BUILD_OPTIONS, "--site-dir", str(site_dir), *extra, config=config)
 
 
 def build(*, execute: bool = True, extra: Sequence[str] = ()) -> Path:
     """Refresh the tutorials, build the site strictly into ``site/``, check the tutorials' figures."""
     start = time.perf_counter()
     pages = prepare_tutorials(execute=execute)
-    mkdocs("build", "--site-dir", str(SITE), *extra)
+    build_site(CONFIG, SITE, *extra)
     problems = check_tutorial_figures(pages)
     if problems:
         raise DocsError("tutorial pages without their figures:\n  " + "\n  ".join(problems))

@@ -11,10 +11,8 @@ from __future__ import annotations
 import base64
 import copy
 import importlib.util
-import io
 import json
 import os
-import subprocess
 import sys
 import textwrap
 import zlib
@@ -109,10 +107,15 @@ def _project(tmp_path: Path, docstring: str, page: str, notebooks: dict[str, dic
     return path
 
 
-def _build(config: Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, NO_MKDOCS_2_WARNING="1", OMP_NUM_THREADS="1")
-    return subprocess.run([sys.executable, "-m", "mkdocs", "build", "--strict", "-f", str(config)],
-                          cwd=config.parent, env=env, capture_output=True, text=True, timeout=300)
+def _build(config: Path, capfd: pytest.CaptureFixture[str]) -> tuple[bool, str]:
+    """Build as ``scripts/docs.sh build`` does (``build_site``): (succeeded, everything mkdocs printed)."""
+    try:
+        docs_script.build_site(config, config.parent / "site")
+        ok = True
+    except docs_script.DocsError:
+        ok = False
+    out, err = capfd.readouterr()
+    return ok, out + err
 
 
 def test_the_real_config_is_strict_and_ci_builds_it() -> None:
@@ -124,13 +127,12 @@ def test_the_real_config_is_strict_and_ci_builds_it() -> None:
 
 
 @pytest.mark.slow
-def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tmp_path: Path) -> None:
+def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tmp_path: Path, capfd) -> None:
     config = _project(tmp_path, "drawn by :func:`draw_hexagon` (renamed).",
                       "# Home\n\nSee [the missing page](missing.md) and [a section](#no-such-section).\n",
                       {"01_tiny": _notebook(1)})
-    result = _build(config)
-    log = result.stdout + result.stderr
-    assert result.returncode != 0, log
+    ok, log = _build(config, capfd)
+    assert not ok, log
     assert "Aborted with" in log and "strict mode" in log
     assert "draw_hexagon" in log           # the docstring's role that resolves nowhere
     assert "missing.md" in log             # the Markdown link to no page
@@ -138,11 +140,11 @@ def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tm
 
 
 @pytest.mark.slow
-def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path) -> None:
+def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path, capfd) -> None:
     config = _project(tmp_path, "see :class:`~lightstream.shapes.Square`.", "# Home\n\n[API](api.md)\n",
                       {"01_tiny": _notebook(2)})
-    result = _build(config)
-    assert result.returncode == 0, result.stdout + result.stderr
+    ok, log = _build(config, capfd)
+    assert ok, log
     site = tmp_path / "site"
     api = (site / "api" / "index.html").read_text()
     # roles became links to the objects' anchors, displayed as Sphinx would (~ shortens, () for methods)
@@ -169,11 +171,11 @@ def _fresh_executed_notebooks() -> list[Path]:
 @pytest.mark.slow
 @pytest.mark.skipif(not _fresh_executed_notebooks(),
                     reason="no executed notebooks in output/notebooks (the notebook test or run_notebooks.py --small makes them)")
-def test_executed_tutorials_render_with_all_their_figures(tmp_path: Path) -> None:
+def test_executed_tutorials_render_with_all_their_figures(tmp_path: Path, capfd) -> None:
     executed = _fresh_executed_notebooks()
     config = _project(tmp_path, "plain.", "# Home\n", {p.stem: p for p in executed})
-    result = _build(config)
-    assert result.returncode == 0, result.stdout + result.stderr
+    ok, log = _build(config, capfd)
+    assert ok, log
     copies = sorted((tmp_path / "docs" / "tutorials").glob("*.ipynb"))
     assert all(docs_script.png_outputs(p) >= 1 for p in copies), "every tutorial shows at least one figure"
     assert docs_script.check_tutorial_figures(copies, tmp_path / "site") == []
