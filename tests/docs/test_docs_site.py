@@ -71,6 +71,8 @@ def _project(tmp_path: Path, docstring: str, page: str, notebooks: dict[str, dic
     (src / "shapes.py").write_text(textwrap.dedent(f'''\
         """Shapes: {docstring}"""
 
+        import pathlib
+
 
         class Square:
             """A square; see :class:`Circle` and :meth:`Circle.area`."""
@@ -141,7 +143,8 @@ def test_strict_build_fails_on_a_broken_docstring_reference_and_a_broken_link(tm
 
 @pytest.mark.slow
 def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path, capfd) -> None:
-    config = _project(tmp_path, "see :class:`~lightstream.shapes.Square`.", "# Home\n\n[API](api.md)\n",
+    config = _project(tmp_path, "see :class:`~lightstream.shapes.Square`, :class:`round ones <Circle>` and "
+                      ":class:`pathlib.Path`.", "# Home\n\n[API](api.md)\n",
                       {"01_tiny": _notebook(2)})
     ok, log = _build(config, capfd)
     assert ok, log
@@ -150,6 +153,8 @@ def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path
     # roles became links to the objects' anchors, displayed as Sphinx would (~ shortens, () for methods)
     assert 'href="#lightstream.shapes.Square"><code>Square</code>' in api
     assert 'href="#lightstream.shapes.Circle.area"><code>Circle.area()</code>' in api
+    assert 'href="#lightstream.shapes.Circle"><code>round ones</code>' in api    # :role:`label <target>`
+    assert "<code>pathlib.Path</code>" in api and 'href="#pathlib' not in api  # outside names stay plain code
     assert ":class:" not in api and ":meth:" not in api
     notebooks = sorted((tmp_path / "docs" / "tutorials").glob("*.ipynb"))
     assert docs_script.png_outputs(notebooks[0]) == 2
