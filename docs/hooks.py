@@ -4,8 +4,9 @@ Nothing here is copied by hand, so the site cannot drift from its sources:
 
 - **Guide**: ``README.md`` is split at its ``##`` headings. The text before the first one is the
   home page; each section becomes ``guide/<slug>.md`` (its ``###`` headings moved up one level).
-  Links to ``notebooks/NN_name.ipynb`` point at the rendered tutorial; any other relative link
-  is kept, so ``--strict`` fails on one that leads nowhere.
+  Links to ``notebooks/NN_name.ipynb`` point at the rendered tutorial, and ``#anchor`` links
+  at the page that now holds the heading; any other relative link is kept, so ``--strict``
+  fails on one that leads nowhere.
 - **API reference**: one page per subpackage of ``lightstream`` (``api/<name>.md``): the
   package's docstring, then every public module's (``::: lightstream.core.engine``, ...),
   rendered by mkdocstrings from the docstrings. A module added later appears by itself.
@@ -17,7 +18,9 @@ from __future__ import annotations
 
 import json
 import logging
+import posixpath
 import re
+import unicodedata
 from pathlib import Path
 from typing import Any
 
@@ -72,6 +75,43 @@ def _relink(text: str, depth: int) -> str:
     """Point README links to ``notebooks/*.ipynb`` at the rendered tutorials."""
     up = "../" * depth
     return _NOTEBOOK_LINK.sub(lambda m: f"]({up}{TUTORIALS}/{m['name']}.ipynb{m['anchor'] or ''})", text)
+
+
+def heading_anchor(title: str) -> str:
+    """The anchor Python-Markdown's ``toc`` gives a heading (its default ``slugify``)."""
+    text = unicodedata.normalize("NFKD", re.sub(r"[`*]", "", title)).encode("ascii", "ignore").decode()
+    text = re.sub(r"[^\w\s-]", "", text).strip().lower()
+    return re.sub(r"[-\s]+", "-", text)
+
+
+def _anchors(text: str) -> set[str]:
+    anchors, fenced = set(), False
+    for line in text.splitlines():
+        if _FENCE.match(line):
+            fenced = not fenced
+        elif not fenced and (heading := re.match(r"^#{1,6}\s+(.+?)\s*#*\s*$", line)):
+            anchors.add(heading_anchor(heading[1]))
+    return anchors
+
+
+def relink_anchors(pages: dict[str, str]) -> dict[str, str]:
+    """Rewrite ``](#anchor)`` links whose heading went to another page (README sections are split).
+
+    ``pages`` maps a page's path (``index.md``, ``guide/x.md``) to its Markdown. An anchor found on
+    no page is left alone, so ``--strict`` names it.
+    """
+    anchors = {path: _anchors(text) for path, text in pages.items()}
+
+    def target(path: str, anchor: str) -> str:
+        if anchor in anchors[path]:
+            return f"#{anchor}"
+        for other, found in anchors.items():
+            if anchor in found:
+                return posixpath.relpath(other, posixpath.dirname(path) or ".") + f"#{anchor}"
+        return f"#{anchor}"
+
+    return {path: re.sub(r"\]\(#([^)\s]+)\)", lambda m, p=path: f"]({target(p, m[1])})", text)
+            for path, text in pages.items()}
 
 
 def api_pages() -> list[tuple[str, str, str]]:
@@ -158,9 +198,11 @@ def on_files(files: Files, config: MkDocsConfig, **kwargs: Any) -> Files:
     """Add the generated Markdown pages (home, guide sections, API reference)."""
     home, sections = split_readme(README.read_text(encoding="utf-8"))
     contents = _contents(sections, tutorial_notebooks(Path(config.docs_dir)))
-    generated = {"index.md": _relink(home, 0) + contents}
+    guide = {"index.md": _relink(home, 0)}
     for _, slug, text in sections:
-        generated[f"guide/{slug}.md"] = _relink(text, 1)
+        guide[f"guide/{slug}.md"] = _relink(text, 1)
+    generated = relink_anchors(guide)
+    generated["index.md"] += contents
     for _, path, text in api_pages():
         generated[path] = text
     for path, text in generated.items():

@@ -232,3 +232,17 @@ def _outside_fences(text: str) -> list[str]:
         elif not fenced:
             lines.append(line)
     return lines
+
+
+def test_anchor_links_follow_their_heading_to_its_guide_page() -> None:
+    assert hooks.heading_anchor("Dense outputs (segmentation)") == "dense-outputs-segmentation"
+    assert hooks.heading_anchor("`StreamingCNN` & friends") == "streamingcnn-friends"
+    pages = {"index.md": "# T\nsee [dense](#dense-outputs-segmentation) and [t](#t)\n",
+             "guide/a.md": "# A\n[here](#a) [there](#dense-outputs-segmentation) [home](#t) [gone](#nowhere)\n",
+             "guide/dense-outputs-segmentation.md": "# Dense outputs (segmentation)\n```\n# not a heading\n```\n"}
+    out = hooks.relink_anchors(pages)
+    assert out["index.md"] == ("# T\nsee [dense](guide/dense-outputs-segmentation.md#dense-outputs-segmentation)"
+                               " and [t](#t)\n")
+    assert out["guide/a.md"] == ("# A\n[here](#a) [there](dense-outputs-segmentation.md#dense-outputs-segmentation)"
+                                 " [home](../index.md#t) [gone](#nowhere)\n")
+
