@@ -16,7 +16,7 @@ is picked up by itself.
 ``mkdocs build --strict`` fails on a broken link or anchor in the guide and on a docstring
 cross-reference that resolves nowhere (``docs/griffe_sphinx_roles.py``). After the build, every
 tutorial page must show its notebook's figures: at least one embedded PNG, and as many as the
-executed notebook has PNG outputs; otherwise the build fails.
+executed notebook has PNG figure outputs; otherwise the build fails.
 """
 
 from __future__ import annotations
@@ -107,9 +107,14 @@ def prepare_tutorials(output_dir: Path = runner.DEFAULT_OUTPUT, docs_dir: Path =
 
 
 def png_outputs(notebook: Path) -> int:
-    """How many PNG images the executed notebook's outputs hold."""
+    """How many outputs of the executed notebook are PNG figures (a PNG with at most a text fallback).
+
+    Those must render as images. A PNG beside a richer type (a widget view, HTML) is left out: the
+    HTML converter shows the richer one when it can, e.g. a widget whose state the notebook saved.
+    """
     cells = json.loads(notebook.read_text(encoding="utf-8")).get("cells", [])
-    return sum("image/png" in output.get("data", {}) for cell in cells for output in cell.get("outputs", []))
+    return sum("image/png" in output.get("data", {}) and set(output["data"]) <= {"image/png", "text/plain"}
+               for cell in cells for output in cell.get("outputs", []))
 
 
 def check_tutorial_figures(notebooks: Sequence[Path], site_dir: Path = SITE) -> list[str]:

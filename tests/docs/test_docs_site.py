@@ -57,6 +57,11 @@ def _notebook(figures: int) -> dict:
         cells.append({"cell_type": "code", "execution_count": i + 1, "metadata": {}, "source": [f"plot({i})"],
                       "outputs": [{"output_type": "display_data", "metadata": {},
                                    "data": {"image/png": png, "text/plain": ["<Figure>"]}}]})
+    cells.append({"cell_type": "code", "execution_count": figures + 1, "metadata": {}, "source": ["tuner"],
+                  "outputs": [{"output_type": "display_data", "metadata": {},
+                               "data": {"application/vnd.jupyter.widget-view+json": {"model_id": "m1", "version_major": 2,
+                                                                                    "version_minor": 0},
+                                        "image/png": png, "text/plain": ["Tuner()"]}}]})
     return {"cells": cells, "metadata": {"kernelspec": {"name": "python3", "display_name": "Python 3",
                                                         "language": "python"}},
             "nbformat": 4, "nbformat_minor": 5}
@@ -157,7 +162,7 @@ def test_good_project_builds_with_role_links_and_tutorial_figures(tmp_path: Path
     assert "<code>pathlib.Path</code>" in api and 'href="#pathlib' not in api  # outside names stay plain code
     assert ":class:" not in api and ":meth:" not in api
     notebooks = sorted((tmp_path / "docs" / "tutorials").glob("*.ipynb"))
-    assert docs_script.png_outputs(notebooks[0]) == 2
+    assert docs_script.png_outputs(notebooks[0]) == 2  # the two figures; not the widget view's PNG fallback
     assert docs_script.check_tutorial_figures(notebooks, site) == []
     # a page whose figures were lost is reported
     page = site / "tutorials" / "01_tiny" / "index.html"
