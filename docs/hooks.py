@@ -16,6 +16,7 @@ Nothing here is copied by hand, so the site cannot drift from its sources:
 
 from __future__ import annotations
 
+import ast
 import json
 import logging
 import posixpath
@@ -116,25 +117,82 @@ def relink_anchors(pages: dict[str, str]) -> dict[str, str]:
 
 def api_pages() -> list[tuple[str, str, str]]:
     """[(title, path, markdown)] of the API reference: the package, then each subpackage."""
-    pages = [("lightstream", "api/index.md", _api_page("lightstream", [p for p in _modules(PACKAGE)]))]
+    pages = [("lightstream", "api/index.md", _top_page())]
     for sub in sorted(p for p in PACKAGE.iterdir() if (p / "__init__.py").exists() and not p.name.startswith("_")):
         pages.append((sub.name, f"api/{sub.name}.md", _api_page(f"lightstream.{sub.name}", _modules(sub))))
     return pages
 
 
 def _modules(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.glob("*.py") if not p.name.startswith("_"))
+    """The package's modules; a private one (``_axes.py``) only shows if the package re-exports from it."""
+    return sorted(p for p in folder.glob("*.py") if not p.name.startswith("__"))
+
+
+def _init(package: str) -> Path:
+    return PACKAGE.parent.joinpath(*package.split("."), "__init__.py")
+
+
+def exports(package: str) -> dict[str, str]:
+    """Names a package's ``__init__`` imports -> the dotted path where each is defined.
+
+    Imports from a subpackage are followed to its own ``__init__``'s source; lazy names listed in
+    a ``_LAZY = {"Name": "lightstream.x"}`` dict (imported on first use) are included.
+    """
+    tree = ast.parse(_init(package).read_text(encoding="utf-8"))
+    found: dict[str, str] = {}
+
+    def add(name: str, module: str, attribute: str) -> None:
+        defined = exports(module).get(attribute) if _init(module).exists() else None
+        found[name] = defined or f"{module}.{attribute}"
+
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom):
+            parts = package.split(".")
+            if node.level:
+                base = ".".join(parts[:len(parts) - node.level + 1] + ([node.module] if node.module else []))
+            else:
+                base = node.module or ""
+            if not base.startswith("lightstream"):
+                continue
+            for alias in node.names:
+                add(alias.asname or alias.name, base, alias.name)
+        elif isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "_LAZY" for t in node.targets):
+            for name, module in ast.literal_eval(node.value).items():
+                add(name, module, name)
+    return found
+
+
+def _public_names(package: str) -> list[str]:
+    """The package's ``__all__`` (its imported names if it has none), without private ones."""
+    tree = ast.parse(_init(package).read_text(encoding="utf-8"))
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and any(getattr(t, "id", None) == "__all__" for t in node.targets):
+            return [n for n in ast.literal_eval(node.value) if not n.startswith("_")]
+    return [n for n in exports(package) if not n.startswith("_")]
+
+
+def _name_list(package: str) -> list[str]:
+    """Links to the objects a package exports, where they are documented (checked by ``--strict``)."""
+    defined = exports(package)
+    links = [f"[`{name}`][{defined[name]}]" for name in _public_names(package) if name in defined]
+    return [f"`{package}` exports: " + " · ".join(links), ""] if links else []
+
+
+def _top_page() -> str:
+    return "\n".join(["# `lightstream`", "", "::: lightstream", "    options:", "      members: false",
+                      "      show_root_heading: false", "", *_name_list("lightstream")])
 
 
 def _api_page(package: str, modules: list[Path]) -> str:
-    """The package's docstring, its public modules (those its ``__init__`` imports, in that order), then the rest."""
-    init = (modules[0].parent / "__init__.py") if modules else None
-    imported = re.findall(r"^from \.(\w+) import", init.read_text(encoding="utf-8"), re.MULTILINE) if init else []
-    order = {name: i for i, name in reversed(list(enumerate(imported)))}
+    """The package's docstring and exports, its public modules (in the order ``__init__`` imports them), then the rest."""
+    order: dict[str, int] = {}
+    for target in exports(package).values():
+        if target.startswith(package + "."):
+            order.setdefault(target[len(package) + 1:].split(".")[0], len(order))
     public = sorted((m for m in modules if m.stem in order), key=lambda m: order[m.stem])
-    internal = [m for m in modules if m.stem not in order]
+    internal = [m for m in modules if m.stem not in order and not m.stem.startswith("_")]
     lines = [f"# `{package}`", "", f"::: {package}", "    options:", "      members: false",
-             "      show_root_heading: false", ""]
+             "      show_root_heading: false", "", *_name_list(package)]
     for module in public:
         lines += [f"::: {package}.{module.stem}", "    options:", "      heading_level: 2", ""]
     if internal:

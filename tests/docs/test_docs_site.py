@@ -251,3 +251,14 @@ def test_anchor_links_follow_their_heading_to_its_guide_page() -> None:
     assert out["guide/a.md"] == ("# A\n[here](#a) [there](dense-outputs-segmentation.md#dense-outputs-segmentation)"
                                  " [home](../index.md#t) [gone](#nowhere)\n")
 
+
+
+def test_api_pages_link_each_exported_name_where_it_is_defined() -> None:
+    exported = hooks.exports("lightstream")
+    assert exported["StreamingCNN"] == "lightstream.core.engine.StreamingCNN"      # through lightstream.core
+    assert exported["StreamingModule"] == "lightstream.modules.streaming.StreamingModule"  # a lazy name
+    pages = {path: text for _, path, text in hooks.api_pages()}
+    assert "[`StreamingCNN`][lightstream.core.engine.StreamingCNN]" in pages["api/index.md"]
+    core = pages["api/core.md"]
+    assert core.index("::: lightstream.core.engine") < core.index("## Internal modules") < core.index(
+        "::: lightstream.core.op_table")  # public modules first, in the order __init__ imports them
