@@ -76,7 +76,7 @@ class StreamingCNN(nn.Module):
         loss.backward()
         scnn.backward(image, fmap.grad)    # exact gradients into trunk's parameters
 
-    Or let autograd drive the streamed backward (what :class:`~lightstream.StreamingModule` does)::
+    Or let autograd drive the streamed backward (what :class:`~lightstream.modules.StreamingModule` does)::
 
         loss = criterion(head(scnn.forward_autograd(image)), target)
         loss.backward()
