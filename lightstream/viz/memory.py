@@ -33,6 +33,9 @@ class MemorySample:
         allocated: GPU memory held by tensors at the end of the step (``None`` off CUDA).
         peak_allocated: the most GPU memory held by tensors during the step (``None`` off CUDA).
         reserved: GPU memory held by PyTorch's caching allocator (``None`` off CUDA).
+        tensor_peak: the most bytes tensors held during the step above what they held before it,
+            on any device: the quantity :meth:`~lightstream.StreamingCNN.estimate` predicts as
+            ``peak_bytes`` (``None`` when not measured).
     """
 
     step: int
@@ -42,9 +45,11 @@ class MemorySample:
     allocated: int | None = None
     peak_allocated: int | None = None
     reserved: int | None = None
+    tensor_peak: int | None = None
 
 
 _SERIES = (
+    ("tensor_peak", "step's tensor peak (as estimated)", "black", "-"),
     ("peak_allocated", "GPU peak allocated", "tab:red", "-"),
     ("allocated", "GPU allocated (step end)", "tab:orange", "-"),
     ("reserved", "GPU reserved", "tab:purple", "--"),
@@ -55,7 +60,9 @@ _SERIES = (
 def plot_memory(history: Sequence[MemorySample], axes: tuple[Axes, Axes] | None = None) -> Figure:
     """Memory (GiB, top) and step time (s, bottom) over steps; returns the figure.
 
-    GPU series are drawn when they were recorded (training on CUDA); process RSS always.
+    GPU series are drawn when they were recorded (training on CUDA), the step's tensor peak when
+    measured; process RSS always (it also counts allocator caching and library pages, so it lies
+    above the tensor peak).
 
     Args:
         history: samples in step order, e.g. ``MemoryMonitor.history``.
