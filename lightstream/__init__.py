@@ -14,6 +14,7 @@ from typing import Any
 from .core import (
     Box,
     Geometry,
+    ImageSizeError,
     ImageSource,
     LayerProfile,
     StaleForwardError,
@@ -32,7 +33,7 @@ __version__ = "0.1.0"
 _LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules"}
 
 __all__ = [
-    "Box", "Geometry", "ImageClassifier", "ImageSource", "LayerProfile", "StaleForwardError", "StepEstimate", "StreamingCNN",
+    "Box", "Geometry", "ImageClassifier", "ImageSizeError", "ImageSource", "LayerProfile", "StaleForwardError", "StepEstimate", "StreamingCNN",
     "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError", "TimeModel",
     "UnsupportedLayerError", "__version__",
 ]
