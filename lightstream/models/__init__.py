@@ -8,8 +8,22 @@ from .slide_models import SlideAttentionMIL, SlideClassifier
 from .unet import DECODER_CHANNELS, UPSAMPLING_MODES, ResNetUNet, UNet, resnet_unet
 
 __all__ = [
-    "BACKBONE_NAMES", "Backbone", "CONVNEXT_NAMES", "DECODER_CHANNELS", "RESNET_NAMES", "ResNetUNet",
-    "SlideAttentionMIL", "SlideClassifier", "StreamingConvNext", "StreamingMobileNetV2", "StreamingResNet",
-    "UNet", "UPSAMPLING_MODES", "build_backbone", "resnet_unet", "split_convnext", "split_mobilenet_v2",
+    "BACKBONE_NAMES",
+    "CONVNEXT_NAMES",
+    "DECODER_CHANNELS",
+    "RESNET_NAMES",
+    "UPSAMPLING_MODES",
+    "Backbone",
+    "ResNetUNet",
+    "SlideAttentionMIL",
+    "SlideClassifier",
+    "StreamingConvNext",
+    "StreamingMobileNetV2",
+    "StreamingResNet",
+    "UNet",
+    "build_backbone",
+    "resnet_unet",
+    "split_convnext",
+    "split_mobilenet_v2",
     "split_resnet",
 ]

@@ -30,7 +30,7 @@ from torchvision.models import WeightsEnum
 from ._torchvision import build_network, normalization_defaults
 from .resnet import RESNET_NAMES
 
-__all__ = ["DECODER_CHANNELS", "ResNetUNet", "UNet", "UPSAMPLING_MODES", "double_conv", "resnet_unet", "upsample"]
+__all__ = ["DECODER_CHANNELS", "UPSAMPLING_MODES", "ResNetUNet", "UNet", "double_conv", "resnet_unet", "upsample"]
 
 DECODER_CHANNELS = (256, 128, 64, 32, 16)
 """Default decoder widths of :class:`ResNetUNet`, deepest first (segmentation-models' ``Unet``'s)."""
