@@ -12,14 +12,16 @@ its saved tensors.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 
 from . import checks
-from .checks import channel_vector, input_channels, stage_memory_setting, stage_policy, tile_batch_setting, tile_pair
+from .checks import (StagePolicy, channel_vector, input_channels, stage_memory_setting, stage_policy,
+                     tile_batch_setting, tile_pair)
+from .dense import REDUCTIONS, DenseStreamer, LossFunction, LossResult, PixelTarget, TileCallback
 from .errors import TileTooSmallError
 from .estimate import StepEstimate, TimeModel, estimate_step
 from .execution import Executor
@@ -138,6 +140,9 @@ class StreamingCNN(nn.Module):
 
     def stream_plan(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> StreamPlan:
         """The plan for a ``(B, C, H, W)`` image (or one ``(C, H, W)``, or ``(H, W)``) with the current settings."""
+        return self._plan(image_shape, dtype, self.stages)
+
+    def _plan(self, image_shape: Sequence[int], dtype: torch.dtype | None, stages: StagePolicy) -> StreamPlan:
         shape = tuple(int(v) for v in image_shape)
         if len(shape) == 2:
             shape = (input_channels(self.stream_module) or 3, *shape)
@@ -145,7 +150,7 @@ class StreamingCNN(nn.Module):
             shape = (1, *shape)
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
-        request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, self.stages,  # type: ignore[arg-type]
+        request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, stages,  # type: ignore[arg-type]
                               self.stage_memory_bytes, self.tile_batch)
         return self.planner.plan(request)
 
@@ -220,8 +225,10 @@ class StreamingCNN(nn.Module):
         and the image gradient if ``image`` requires grad.
         """
         lazy, tensor = (None, image) if isinstance(image, torch.Tensor) else (image, None)
-        params = [p for p in self.stream_module.parameters() if p.requires_grad]
-        return _StreamedTrunk.apply(self, lazy, tensor, *params)
+        return _StreamedTrunk.apply(self, lazy, tensor, *self._trainable_parameters())
+
+    def _trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for p in self.stream_module.parameters() if p.requires_grad]
 
     def _stream(self, image: torch.Tensor | ImageSource, keep: bool, want_image_grad: bool
                 ) -> tuple[torch.Tensor, ForwardRecord]:
@@ -246,11 +253,9 @@ class StreamingCNN(nn.Module):
             StaleForwardError: when the forward cannot be reproduced (see
                 :mod:`lightstream.core.record`); nothing is changed then.
         """
-        params = [p for p in self.stream_module.parameters() if p.requires_grad]
+        params = self._trainable_parameters()
         grads, image_grad = self._backward(self._record, image, grad, params, self.saliency, "backward")
-        for param, g in zip(params, grads):
-            if g is not None:
-                param.grad = g if param.grad is None else param.grad.add_(g)
+        _add_to_grad(params, grads)
         self.saliency_map = image_grad
 
     def input_gradient(self, image: torch.Tensor | ImageSource, grad: torch.Tensor) -> torch.Tensor:
@@ -274,6 +279,120 @@ class StreamingCNN(nn.Module):
         executor = Executor(self._preparer(record.normaliser), self.progress)
         return executor.backward(record.plan, as_source(image), grad, kept, params, want_image_grad,
                                  record.autocast)
+
+    # ------------------------------------------------------------------ dense outputs
+    def stream_loss(self, image: torch.Tensor | ImageSource, target: torch.Tensor | ImageSource,
+                    loss_fn: LossFunction, reduction: str = "mean", *, ignore_index: int | None = None,
+                    weight: torch.Tensor | ImageSource | None = None, on_tile: TileCallback | None = None
+                    ) -> torch.Tensor:
+        """A per-pixel loss of the trunk's output, computed and backpropagated tile by tile.
+
+        For every output tile: the forward with a graph, ``loss_fn(output_tile, target_tile)``
+        and the backward; the whole output is never held (see :mod:`lightstream.core.dense`).
+        Returns the whole-image loss (a detached scalar) and, with gradients enabled, adds to the
+        trunk's parameters' ``.grad`` exactly the gradients of ``loss_fn(trunk(image), target)``
+        reduced over the whole image (and stores the image gradient in :attr:`saliency_map`
+        with ``saliency=True``). Under ``torch.no_grad()`` it only computes the loss.
+
+        Args:
+            image: ``[B, C, H, W]`` tensor or lazy source.
+            target: aligned with the output: ``[B, h, w]`` (e.g. class indices) or
+                ``[B, K, h, w]`` tensor, or an :class:`ImageSource` (a one-channel source such
+                as a label mask gives ``[B, h, w]`` tiles).
+            loss_fn: ``loss_fn(output_tile, target_tile)`` returning the *un-reduced* per-pixel
+                loss, e.g. ``lambda o, t: F.cross_entropy(o, t.long(), reduction="none")``.
+            reduction: ``"mean"`` over the counted pixels, or ``"sum"``.
+            ignore_index: pixels whose target equals it do not count (weight 0), as in
+                ``F.cross_entropy(..., ignore_index=)``'s mean.
+            weight: per-pixel weights aligned with the output (tensor or source); the mean is
+                then ``sum(weight * loss) / sum(weight)``.
+            on_tile: called as ``on_tile(output_tile, target_tile)`` with every detached output
+                tile (e.g. to update Dice or IoU metrics, whose counts add up over tiles).
+
+        The trunk streams in one piece here: each tile's backward follows its forward at once,
+        so nothing is recomputed and memory is that of one tile batch.
+        """
+        params = self._trainable_parameters()
+        result = self._stream_loss(image, target, loss_fn, reduction, ignore_index, weight, on_tile, params,
+                                   self.saliency)
+        _add_to_grad(params, result.grads)
+        if torch.is_grad_enabled() and self.saliency:
+            self.saliency_map = result.image_grad
+        return result.loss
+
+    def stream_loss_autograd(self, image: torch.Tensor | ImageSource, target: torch.Tensor | ImageSource,
+                             loss_fn: LossFunction, reduction: str = "mean", *, ignore_index: int | None = None,
+                             weight: torch.Tensor | ImageSource | None = None,
+                             on_tile: TileCallback | None = None) -> torch.Tensor:
+        """Like :meth:`stream_loss`, but the loss is part of the autograd graph.
+
+        The tiles' forward and backward run here; ``loss.backward()`` then delivers the trunk's
+        gradients (times the loss's gradient) through autograd, so Lightning's automatic
+        optimisation, DDP's gradient reduction, accumulation and clipping see them as usual,
+        and the image gradient when ``image`` requires grad.
+        """
+        options = (target, loss_fn, reduction, ignore_index, weight, on_tile)
+        if not torch.is_grad_enabled():
+            return self._stream_loss(image, *options, [], False).loss
+        lazy, tensor = (None, image) if isinstance(image, torch.Tensor) else (image, None)
+        return _StreamedLoss.apply(self, lazy, tensor, options, *self._trainable_parameters())
+
+    def output_tiles(self, image: torch.Tensor | ImageSource
+                     ) -> Iterator[tuple[torch.Tensor, tuple[int, int], tuple[int, int]]]:
+        """The trunk's output tile by tile: ``(output_tile, (row_lo, row_hi), (col_lo, col_hi))``.
+
+        No autograd graph, and the whole output is never held: for validation and for writing
+        predictions of a large image to disk. The tiles partition the output map.
+        """
+        source = as_source(image)
+        return self._dense_streamer(source).output_tiles(source)
+
+    def _dense_streamer(self, source: ImageSource) -> DenseStreamer:
+        plan = self._plan(source.shape, None, None)
+        return DenseStreamer(plan.stages[0], Executor(self._preparer(), self.progress), Autocast.current(self.device))
+
+    def _stream_loss(self, image: torch.Tensor | ImageSource, target: torch.Tensor | ImageSource,
+                     loss_fn: LossFunction, reduction: str, ignore_index: int | None,
+                     weight: torch.Tensor | ImageSource | None, on_tile: TileCallback | None,
+                     params: list[nn.Parameter], want_image_grad: bool) -> LossResult:
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"stream_loss: reduction must be one of {REDUCTIONS}, not {reduction!r}")
+        if not callable(loss_fn):
+            raise TypeError(f"stream_loss: loss_fn must be callable, not {type(loss_fn).__name__}")
+        source = as_source(image)
+        streamer = self._dense_streamer(source)
+        output_shape = (source.shape[0], *streamer.output_shape)
+        pixel_target = PixelTarget.of(target, "target", output_shape)
+        pixel_weight = None if weight is None else PixelTarget.of(weight, "weight", output_shape)
+        return streamer.loss(source, pixel_target, loss_fn, reduction, params, want_image_grad, ignore_index,
+                             pixel_weight, on_tile)
+
+
+def _add_to_grad(params: list[nn.Parameter], grads: list[torch.Tensor | None]) -> None:
+    """Accumulate ``grads`` into the parameters' ``.grad`` as autograd would."""
+    for param, g in zip(params, grads):
+        if g is not None:
+            param.grad = g if param.grad is None else param.grad.add_(g)
+
+
+class _StreamedLoss(torch.autograd.Function):
+    """Autograd node of a streamed loss: the tiles' gradients, computed in its forward, are its backward."""
+
+    @staticmethod
+    def forward(ctx: Any, engine: StreamingCNN, lazy: ImageSource | None, tensor: torch.Tensor | None,
+                options: tuple, *params: torch.Tensor) -> torch.Tensor:
+        want_image_grad = tensor is not None and tensor.requires_grad
+        with torch.enable_grad():
+            result = engine._stream_loss(tensor if tensor is not None else lazy, *options, list(params),
+                                         want_image_grad)
+        ctx.grads, ctx.image_grad = result.grads, result.image_grad
+        return result.loss
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        grads = [None if g is None else g * grad.to(g.dtype) for g in ctx.grads]
+        image_grad = None if ctx.image_grad is None else ctx.image_grad * grad.to(ctx.image_grad.dtype)
+        return (None, None, image_grad, None, *grads)
 
 
 class _StreamedTrunk(torch.autograd.Function):
