@@ -29,7 +29,8 @@ from torch import Tensor, nn
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
-from ..core import ImageSource, as_source
+from ..core import ImageSource
+from ..core.dense import PixelTarget
 from .classifier import MetricsArg
 from .streaming import StreamingModule
 
@@ -169,20 +170,47 @@ class ImageSegmenter(StreamingModule):
         image = batch.image if _is_sample(batch) else batch[0] if isinstance(batch, (tuple, list)) else batch
         return self(image)
 
+    def on_validation_start(self) -> None:
+        """Ready streaming, and start the validation metrics afresh (call ``super()`` in overrides).
+
+        The reset re-creates their states in this loop's grad mode: after ``trainer.validate``
+        (inference mode) they would otherwise be inference tensors, which the validation inside
+        ``trainer.fit`` (no_grad) cannot update in place.
+        """
+        super().on_validation_start()
+        self.val_metrics.reset()
+
+    def on_test_start(self) -> None:
+        """Ready streaming, and start the test metrics afresh (call ``super()`` in overrides)."""
+        super().on_test_start()
+        self.test_metrics.reset()
+
     def _evaluate(self, batch: Any, stage: str) -> Tensor:
         image, target = self._image_and_target(batch, stage)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
+        pixel_target = self._pixel_target(image, target)
         total = torch.zeros((), dtype=torch.float64, device=self.device)
-        counted = 0
+        counted, loss_dtype = 0, torch.float32
         for logits, rows, cols in self._output_tiles(image):
-            tile_target = _class_indices(_target_tile(target, rows, cols)).to(logits.device)
+            tile_target = _class_indices(pixel_target.read(slice(*rows), slice(*cols), logits.device))
             keep = self._counted(tile_target)
-            total += self.pixel_loss(logits, tile_target).double()[keep].sum()
+            pixel_loss = self.pixel_loss(logits, tile_target)
+            total += pixel_loss.double()[keep].sum()  # float64 sums: a float32 count is inexact past 2**24
             counted += int(keep.sum())
+            loss_dtype = pixel_loss.dtype
             metrics.update(logits.argmax(1), tile_target)
-        loss = (total / counted).to(torch.get_default_dtype()) if counted else total.new_tensor(math.nan)
+        loss = (total / counted if counted else total.new_tensor(math.nan)).to(loss_dtype)
         self._log_stage(stage, loss, metrics, image.shape[0])
         return loss
+
+    def _pixel_target(self, image: Tensor | ImageSource, target: Tensor | ImageSource) -> PixelTarget:
+        """``target`` checked against the trunk's output for ``image`` and read tile by tile.
+
+        Raises:
+            ValueError: the target's batch or spatial size is not the output's.
+        """
+        output_size = self.stream_network.plan(image.shape).output_size
+        return PixelTarget.of(target, "target", (image.shape[0], *output_size))
 
     def _output_tiles(self, image: Tensor | ImageSource) -> Tiles:
         """The trunk's output in tiles without gradients (one tile, the whole map, when streaming is off)."""
@@ -196,9 +224,9 @@ class ImageSegmenter(StreamingModule):
     def _whole_image_loss(self, image: Tensor | ImageSource, target: Tensor | ImageSource,
                           metrics: MetricCollection) -> Tensor:
         """The reference without tiles (after :meth:`disable_streaming_hooks`): ordinary autograd."""
+        pixel_target = self._pixel_target(image, target)
         logits = self.stream_network.stream_module(self._whole_image(image))
-        whole_target = _class_indices(_target_tile(target, (0, logits.shape[2]), (0, logits.shape[3])))
-        whole_target = whole_target.to(logits.device)
+        whole_target = _class_indices(pixel_target.read(slice(None), slice(None), logits.device))
         keep = self._counted(whole_target)
         metrics.update(logits.detach().argmax(1), whole_target)
         return self.pixel_loss(logits, whole_target)[keep].sum() / keep.sum()
@@ -208,7 +236,7 @@ class ImageSegmenter(StreamingModule):
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
 
     def _image_and_target(self, batch: Any, stage: str) -> tuple[Tensor | ImageSource, Tensor | ImageSource]:
-        """``(image, target)`` of a batch, the target checked against the trunk's output size."""
+        """``(image, target)`` of a batch (the target is checked where it is read, against the output's size)."""
         if _is_sample(batch):
             image, target = batch.image, batch.target
         elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
@@ -216,16 +244,6 @@ class ImageSegmenter(StreamingModule):
         else:
             raise ValueError(f"{stage} batches need a per-pixel target: (image, target) or a SegmentationSample, "
                              f"got {type(batch).__name__}")
-        output_size = tuple(self.stream_network.plan(image.shape).output_size)
-        shape = tuple(target.shape)
-        if isinstance(target, Tensor) and len(shape) == 3:
-            shape = (shape[0], 1, *shape[1:])
-        if len(shape) != 4 or shape[1] != 1 or shape[2:] != output_size or shape[0] != image.shape[0]:
-            raise ValueError(
-                f"{stage} target of shape {list(target.shape)} does not label the trunk's output: an image of "
-                f"{list(image.shape)} gives {output_size[0]}x{output_size[1]} outputs, so the target must be "
-                f"[{image.shape[0]}, {output_size[0]}, {output_size[1]}] class indices (or [B, 1, h, w], or a "
-                "one-channel image source of that size)")
         return image, target
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
@@ -240,16 +258,17 @@ class ImageSegmenter(StreamingModule):
         return torch.optim.Adam(self.get_trainable_params(), lr=self.lr)
 
 
-def _target_tile(target: Tensor | ImageSource, rows: tuple[int, int], cols: tuple[int, int]) -> Tensor:
-    """Rows ``rows`` and columns ``cols`` of the target, as read (``[B, h, w]`` or ``[B, 1, h, w]``)."""
-    if isinstance(target, Tensor):
-        return target[..., rows[0]:rows[1], cols[0]:cols[1]]
-    return as_source(target).read(slice(*rows), slice(*cols))
-
-
 def _class_indices(target: Tensor) -> Tensor:
-    """A target tile as ``int64`` class indices ``[B, h, w]`` (a channel axis of one is dropped)."""
+    """A target tile as ``int64`` class indices ``[B, h, w]`` (a channel axis of one is dropped).
+
+    Raises:
+        ValueError: the target has several channels or is not integer.
+    """
     if target.dim() == 4:
+        if target.shape[1] != 1:
+            raise ValueError(f"segmentation targets are class indices [B, h, w] (or [B, 1, h, w]), got a tile of "
+                             f"shape {list(target.shape)}; for soft or multi-label targets, subclass and override "
+                             "the steps")
         target = target[:, 0]
     if target.is_floating_point():
         raise ValueError(f"segmentation targets must be integer class indices, got {target.dtype}")

@@ -1,0 +1,150 @@
+"""ImageSegmenter: trains exactly like the whole image, evaluates Dice/IoU tile by tile, learns."""
+
+from __future__ import annotations
+
+import copy
+
+import lightning as L
+import pytest
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
+
+from lightstream.models import UNet
+from lightstream.modules import ImageSegmenter
+from streaming_helpers import loader, max_difference, quiet_trainer
+
+TILE = 60
+IGNORE = 255
+
+
+class _SGDSegmenter(ImageSegmenter):
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.get_trainable_params(), lr=self.lr)
+
+
+def _unet(seed: int = 0) -> UNet:
+    torch.manual_seed(seed)
+    return UNet(3, num_classes=3, depth=2, width=3, up="bilinear").double()
+
+
+def _data(count: int = 4, seed: int = 2) -> torch.utils.data.TensorDataset:
+    """Random 64x88 images with random class maps in {0, 1, 2}, a tenth of the pixels ignored."""
+    generator = torch.Generator().manual_seed(seed)
+    images = torch.randn(count, 3, 64, 88, generator=generator, dtype=torch.float64)
+    targets = torch.randint(0, 3, (count, 64, 88), generator=generator)
+    targets[torch.rand(count, 64, 88, generator=generator) < 0.1] = IGNORE
+    return torch.utils.data.TensorDataset(images, targets)
+
+
+def _whole_image_loss(trunk: torch.nn.Module, image: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Cross entropy of the whole image's logits, mean over the pixels not ignored."""
+    return F.cross_entropy(trunk(image), target, ignore_index=IGNORE)
+
+
+def test_a_training_step_equals_the_whole_image_step_in_float64() -> None:
+    trunk = _unet()
+    data = _data()
+    model = _SGDSegmenter(copy.deepcopy(trunk), TILE, num_classes=3, ignore_index=IGNORE, lr=0.5)
+    assert min(model.stream_network.plan((2, 3, 64, 88)).grid) >= 2
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, loader(data, 2))
+
+    reference = copy.deepcopy(trunk)
+    images, targets = data[:2]
+    loss = _whole_image_loss(reference, images, targets)
+    grads = torch.autograd.grad(loss, list(reference.parameters()))
+    with torch.no_grad():
+        for param, grad in zip(reference.parameters(), grads):
+            param -= 0.5 * grad
+    assert max_difference(model.stream_network.stream_module, reference) <= 1e-10
+    assert abs(trainer.callback_metrics["train_loss"].item() - loss.item()) <= 1e-10
+
+
+def test_validation_loss_dice_and_iou_equal_the_whole_image_values() -> None:
+    trunk = _unet()
+    data = _data()
+    model = ImageSegmenter(copy.deepcopy(trunk), TILE, num_classes=3, ignore_index=IGNORE)
+    metrics = quiet_trainer().validate(model, loader(data, 4), verbose=False)[0]
+    assert set(metrics) == {"val_loss", "val_dice", "val_iou"}
+
+    images, targets = data[:4]
+    with torch.no_grad():
+        logits = trunk(images)
+    classes = logits.argmax(1)
+    dice = MulticlassF1Score(3, average="macro", multidim_average="global", ignore_index=IGNORE)(classes, targets)
+    iou = MulticlassJaccardIndex(3, average="macro", ignore_index=IGNORE)(classes, targets)
+    assert abs(metrics["val_loss"] - _whole_image_loss(trunk, images, targets).item()) <= 1e-10
+    assert abs(metrics["val_dice"] - dice.item()) <= 1e-6
+    assert abs(metrics["val_iou"] - iou.item()) <= 1e-6
+    assert 0.2 < dice.item() < 0.5  # random weights: near chance, so a wrong count would show
+
+
+def test_predict_returns_the_class_map_of_the_whole_image() -> None:
+    trunk = _unet()
+    data = _data(3)
+    model = ImageSegmenter(copy.deepcopy(trunk), TILE, num_classes=3)
+    (classes,) = quiet_trainer().predict(model, loader(data, 3))
+    with torch.no_grad():
+        expected = trunk(data.tensors[0]).argmax(1)
+    assert classes.dtype == torch.uint8 and classes.shape == (3, 64, 88)
+    assert torch.equal(classes.long(), expected)
+
+
+def test_the_whole_image_path_gives_the_streamed_loss_and_gradients() -> None:
+    images, targets = _data(2)[:2]
+    streamed = ImageSegmenter(_unet(), TILE, num_classes=3, ignore_index=IGNORE)
+    whole = copy.deepcopy(streamed)
+    whole.disable_streaming_hooks()
+    losses = []
+    for model in (streamed, whole):
+        loss = model.training_step((images, targets), 0)
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) <= 1e-10
+    for (name, a), b in zip(streamed.named_parameters(), whole.parameters()):
+        assert (a.grad - b.grad).abs().max() <= 1e-10, name
+
+
+def _disks(count: int, seed: int) -> torch.utils.data.TensorDataset:
+    """Noisy 64x64 images with one to three bright disks; the target marks the disks (class 1)."""
+    generator = torch.Generator().manual_seed(seed)
+    rows, cols = torch.meshgrid(torch.arange(64.0), torch.arange(64.0), indexing="ij")
+    images, targets = [], []
+    for _ in range(count):
+        target = torch.zeros(64, 64, dtype=torch.int64)
+        for _ in range(int(torch.randint(1, 4, (1,), generator=generator))):
+            cy, cx = torch.randint(8, 56, (2,), generator=generator).tolist()
+            radius = float(torch.randint(5, 12, (1,), generator=generator))
+            target[(rows - cy) ** 2 + (cols - cx) ** 2 <= radius ** 2] = 1
+        noise = 0.3 * torch.randn(3, 64, 64, generator=generator)
+        images.append(noise + target.float())
+        targets.append(target)
+    return torch.utils.data.TensorDataset(torch.stack(images), torch.stack(targets))
+
+
+def test_a_short_fit_on_synthetic_disks_raises_validation_dice() -> None:
+    L.seed_everything(0, verbose=False)
+    model = ImageSegmenter(UNet(3, num_classes=2, depth=2, width=8), TILE, num_classes=2, lr=1e-2)
+    train, val = loader(_disks(16, seed=1), 4), loader(_disks(4, seed=2), 4)
+    trainer = quiet_trainer(max_epochs=3)
+    before = trainer.validate(model, val, verbose=False)[0]["val_dice"]
+    trainer.fit(model, train, val)
+    after = trainer.callback_metrics["val_dice"].item()
+    assert after >= 0.75 and after > before + 0.2, (before, after)
+
+
+def test_misuse_is_refused_with_the_fix() -> None:
+    images, targets = _data(2)[:2]
+    reduced = ImageSegmenter(_unet(), TILE, num_classes=3, loss_fn=torch.nn.CrossEntropyLoss())
+    with pytest.raises(ValueError, match="reduction='none'"):
+        reduced.training_step((images, targets), 0)
+    model = ImageSegmenter(_unet(), TILE, num_classes=3)
+    with pytest.raises(ValueError, match="not aligned with the trunk's output"):
+        model.validation_step((images, targets[:, :32]), 0)
+    with pytest.raises(ValueError, match="integer class indices"):
+        model.validation_step((images, targets.double()), 0)
+    with pytest.raises(ValueError, match="per-pixel target"):
+        model.validation_step(images, 0)
+    with pytest.raises(ValueError, match="num_classes must be a positive integer"):
+        ImageSegmenter(_unet(), TILE, num_classes=0)
