@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
+from lightstream.data import SegmentationSlideDataset, collate_single, write_synthetic_dataset
 from lightstream.models import UNet
 from lightstream.modules import ImageSegmenter
 from streaming_helpers import loader, max_difference, quiet_trainer
@@ -151,3 +152,28 @@ def test_misuse_is_refused_with_the_fix() -> None:
         model.validation_step(images, 0)
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         ImageSegmenter(_unet(), TILE, num_classes=0)
+
+
+def test_slides_with_label_masks_validate_like_the_whole_slide_and_train(tmp_path) -> None:
+    records = write_synthetic_dataset(tmp_path, 2, size=(192, 256), positive_fraction=1.0, lesions=2,
+                                      label_masks=True, compression="zlib", lesion_radius=40.0)
+    dataset = SegmentationSlideDataset(records, crop_to_tissue=False)
+    slides = torch.utils.data.DataLoader(dataset, batch_size=1, collate_fn=collate_single)
+    trunk = _unet()
+    model = ImageSegmenter(copy.deepcopy(trunk), TILE, num_classes=3, mean=[180.0] * 3, std=[40.0] * 3)
+    metrics = quiet_trainer().validate(model, slides, verbose=False)[0]
+
+    losses = []
+    for index in range(len(dataset)):
+        sample = dataset[index]
+        image = model.stream_network.prepare_input(sample.image.read(slice(None), slice(None)))
+        target = sample.target.read(slice(None), slice(None))[:, 0].long()
+        assert 0 < target.float().mean() < 0.5  # lesions and background
+        losses.append(F.cross_entropy(trunk(image), target).item())
+        sample.close()
+    assert abs(metrics["val_loss"] - sum(losses) / len(losses)) <= 1e-10
+
+    trainer = quiet_trainer(max_steps=2)
+    trainer.fit(model, slides)
+    assert torch.isfinite(trainer.callback_metrics["train_loss"])
+    assert max_difference(model.stream_network.stream_module, trunk) > 0
