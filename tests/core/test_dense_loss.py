@@ -247,3 +247,32 @@ def test_a_weight_map_that_does_not_broadcast_is_refused(unet: StreamingCNN) -> 
     with pytest.raises(ValueError, match="does not broadcast"):
         unet.stream_loss(image, target, lambda o, t: F.mse_loss(o, t, reduction="none").sum(1),
                          weight=torch.ones(1, 2, 40, 40))
+
+
+class _LazyImage:
+    """An image read one rectangle at a time, as a slide level is (a non-tensor source)."""
+
+    def __init__(self, image: torch.Tensor) -> None:
+        self.image_data = image
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        return tuple(self.image_data.shape)
+
+    def read(self, rows: slice, cols: slice) -> torch.Tensor:
+        return self.image_data[:, :, rows, cols].clone()
+
+
+def test_tiles_batched_together_and_a_lazy_image_give_the_same_loss_and_gradients() -> None:
+    torch.manual_seed(10)
+    trunk = randomise_batch_norm(TinyUNet("pixel_shuffle"))
+    image = torch.randn(2, 3, 80, 80, dtype=torch.float64)
+    target = _labels((2, 80, 80), ignored=0.2)
+    expected, expected_grads, _ = _whole(trunk, image, lambda o: F.cross_entropy(o, target, ignore_index=IGNORE))
+    scnn = StreamingCNN(trunk, tile_size=36, tile_batch=4)
+    plan = scnn.stream_plan(image.shape)
+    assert plan.stages[0].tile_batch > 1, "the test must batch tiles"
+    loss = scnn.stream_loss(_LazyImage(image), target, cross_entropy, ignore_index=IGNORE)
+    assert relative_error(loss, expected) <= 1e-10
+    for (name, param), grad in zip(trunk.named_parameters(), expected_grads):
+        assert relative_error(param.grad, grad) <= 1e-10, name

@@ -159,3 +159,22 @@ def test_global_pooling_in_a_decoder_is_refused_naming_the_module() -> None:
 
     with pytest.raises(UnsupportedLayerError, match="context"):
         StreamingCNN(GlobalContext(), tile_size=32)
+
+
+def test_a_trunk_finer_than_the_image_has_a_fractional_stride_and_its_tiles_partition_the_output() -> None:
+    from fractions import Fraction
+
+    torch.manual_seed(0)
+    trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1,
+                                                                                         output_padding=1),
+                          nn.Upsample(scale_factor=3, mode="bilinear"), nn.Conv2d(4, 2, 3, padding=1)).double()
+    scnn = assert_streaming_exact(trunk, torch.randn(2, 3, 30, 26, dtype=torch.float64), (12, 10))
+    assert scnn.output_stride == (Fraction(1, 6), Fraction(1, 6))
+    plan = scnn.plan((2, 3, 30, 26))
+    assert plan.output_size == (180, 156)
+    owned = torch.zeros(plan.output_size, dtype=torch.int64)
+    for tile in plan.tiles:
+        owned[tile.output.rows, tile.output.cols] += 1
+    assert bool((owned == 1).all())
+    rows, cols = plan.tile_stride  # image pixels between interior tiles: output cells times 1/6
+    assert isinstance(rows, (int, Fraction)) and 0 < rows < 12 and 0 < cols < 10
