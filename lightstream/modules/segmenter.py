@@ -19,22 +19,25 @@ and the prediction are all computed tile by tile and the whole output is never s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import math
 import numbers
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch._subclasses.fake_tensor import FakeTensorMode
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
-from ..core import ImageSource
+from ..core import ImageSource, StreamingCNN
 from ..core.dense import PixelTarget
+from ..core.graph import module_device, parameter_dtype
 from .classifier import MetricsArg
 from .streaming import StreamingModule
 
-__all__ = ["ImageSegmenter", "segmentation_metrics"]
+__all__ = ["ImageSegmenter", "check_image_size", "segmentation_metrics"]
 
 Tiles = Iterator[tuple[Tensor, tuple[int, int], tuple[int, int]]]
 
@@ -50,6 +53,36 @@ def segmentation_metrics(num_classes: int, ignore_index: int | None = None) -> M
         "dice": MulticlassF1Score(num_classes, average="macro", multidim_average="global", ignore_index=ignore_index),
         "iou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
     })
+
+
+def check_image_size(engine: StreamingCNN, shape: Sequence[int]) -> None:
+    """Refuse an image size on which the whole network cannot run.
+
+    A U-Net concatenates each upsampled map with the encoder's map of the same level, so on an
+    image whose sides are not multiples of ``2 ** depth`` the whole network fails (the maps differ
+    by a pixel), while the tiles would still run and silently give a smaller output, misaligned
+    with the image. The whole network is run once on a shape-only (fake) tensor to tell.
+
+    Raises:
+        ValueError: the whole network fails on this size; the message says how to fix it.
+    """
+    trunk = engine.stream_module
+    batch, channels, height, width = (int(size) for size in shape)
+    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failure it raises, as an error
+    level = fake_tensor_log.level
+    try:
+        fake_tensor_log.setLevel(logging.CRITICAL)
+        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
+            trunk(torch.empty(batch, channels, height, width, dtype=parameter_dtype(trunk),
+                              device=module_device(trunk)))
+    except RuntimeError as err:
+        multiple = getattr(trunk, "size_multiple", None)
+        fix = (f"pad or crop images to multiples of {multiple} (e.g. SegmentationSlideDataset(stride={multiple}))"
+               if multiple else "pad or crop images to a size the network accepts")
+        raise ValueError(f"the whole {type(trunk).__name__} cannot run on a {height}x{width} image ({err}); streamed "
+                         f"tiles would give a smaller output misaligned with the image: {fix}") from err
+    finally:
+        fake_tensor_log.setLevel(level)
 
 
 class ImageSegmenter(StreamingModule):
@@ -129,6 +162,7 @@ class ImageSegmenter(StreamingModule):
     def forward(self, x: Tensor | ImageSource) -> Tensor:
         """Class map ``[B, h, w]`` of the images ``x`` (``uint8`` up to 256 classes): the argmax of
         each output tile, never the whole logit map."""
+        check_image_size(self.stream_network, x.shape)
         classes: Tensor | None = None
         with torch.no_grad():
             for logits, (r0, r1), (c0, c1) in self._output_tiles(x):
@@ -244,6 +278,7 @@ class ImageSegmenter(StreamingModule):
         else:
             raise ValueError(f"{stage} batches need a per-pixel target: (image, target) or a SegmentationSample, "
                              f"got {type(batch).__name__}")
+        check_image_size(self.stream_network, image.shape)
         return image, target
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

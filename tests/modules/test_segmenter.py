@@ -150,6 +150,8 @@ def test_misuse_is_refused_with_the_fix() -> None:
         model.validation_step((images, targets.double()), 0)
     with pytest.raises(ValueError, match="per-pixel target"):
         model.validation_step(images, 0)
+    with pytest.raises(ValueError, match=r"cannot run on a 62x88 image .* multiples of 4"):
+        model.validation_step((images[..., :62, :], targets[:, :62]), 0)  # the tiles would give 60 rows
     with pytest.raises(ValueError, match="num_classes must be a positive integer"):
         ImageSegmenter(_unet(), TILE, num_classes=0)
 
