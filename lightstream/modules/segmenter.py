@@ -136,6 +136,7 @@ class ImageSegmenter(StreamingModule):
         self.train_metrics = collection.clone(prefix="train_")
         self.val_metrics = collection.clone(prefix="val_")
         self.test_metrics = collection.clone(prefix="test_")
+        self._runnable_shapes: set[tuple[int, ...]] = set()
 
     # ------------------------------------------------------------------ the per-pixel loss
     def pixel_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -162,7 +163,7 @@ class ImageSegmenter(StreamingModule):
     def forward(self, x: Tensor | ImageSource) -> Tensor:
         """Class map ``[B, h, w]`` of the images ``x`` (``uint8`` up to 256 classes): the argmax of
         each output tile, never the whole logit map."""
-        check_image_size(self.stream_network, x.shape)
+        self._check_image_size(x.shape)
         classes: Tensor | None = None
         with torch.no_grad():
             for logits, (r0, r1), (c0, c1) in self._output_tiles(x):
@@ -269,6 +270,13 @@ class ImageSegmenter(StreamingModule):
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
 
+    def _check_image_size(self, shape: Sequence[int]) -> None:
+        """:func:`check_image_size`, once per image shape (a shape-only pass of a large encoder takes a while)."""
+        key = tuple(int(size) for size in shape)
+        if key not in self._runnable_shapes:
+            check_image_size(self.stream_network, key)
+            self._runnable_shapes.add(key)
+
     def _image_and_target(self, batch: Any, stage: str) -> tuple[Tensor | ImageSource, Tensor | ImageSource]:
         """``(image, target)`` of a batch (the target is checked where it is read, against the output's size)."""
         if _is_sample(batch):
@@ -278,7 +286,7 @@ class ImageSegmenter(StreamingModule):
         else:
             raise ValueError(f"{stage} batches need a per-pixel target: (image, target) or a SegmentationSample, "
                              f"got {type(batch).__name__}")
-        check_image_size(self.stream_network, image.shape)
+        self._check_image_size(image.shape)
         return image, target
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:
