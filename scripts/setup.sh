@@ -20,7 +20,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
     .venv/bin/python -m pip install --upgrade pip &&
     # shellcheck disable=SC2086
     .venv/bin/python -m pip install $torch_pair &&
-    .venv/bin/python -m pip install -c requirements/pins.txt -e ".[dev]" &&
+    .venv/bin/python -m pip install -c requirements/pins.txt -e ".[dev,docs]" &&
     .venv/bin/python -c "import torch, torchvision, lightning, openslide"
   } > "$log" 2>&1 || { tail -n 40 "$log"; echo "setup: installation failed (see $log)" >&2; exit 1; }
   echo "$want" > "$stamp"

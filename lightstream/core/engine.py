@@ -76,7 +76,7 @@ class StreamingCNN(nn.Module):
         loss.backward()
         scnn.backward(image, fmap.grad)    # exact gradients into trunk's parameters
 
-    Or let autograd drive the streamed backward (what :class:`~lightstream.StreamingModule` does)::
+    Or let autograd drive the streamed backward (what :class:`~lightstream.modules.StreamingModule` does)::
 
         loss = criterion(head(scnn.forward_autograd(image)), target)
         loss.backward()
@@ -163,20 +163,23 @@ class StreamingCNN(nn.Module):
         return self.stream_plan(image_size).first
 
     def estimate(self, image_shape: Sequence[int], dtype: torch.dtype = torch.float32,
-                 time_model: TimeModel | None = None) -> StepEstimate:
+                 time_model: TimeModel | None = None, *, per_tile_loss: bool = False) -> StepEstimate:
         """Predicted time ratio and memory of a training step on a ``(B, C, H, W)`` batch.
 
         Computed from the plan and the planner's cost model (no real data is run), so a
         tile-size slider can call it. ``time_model`` defaults to the one for the trunk's device
-        (:meth:`TimeModel.for_device`).
+        (:meth:`TimeModel.for_device`). ``per_tile_loss=True`` estimates a :meth:`stream_loss`
+        step instead of forward + :meth:`backward` (one piece, no recomputation, no stitched output).
         """
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"estimate: dtype must be a floating-point torch.dtype, not {dtype!r}")
-        plan = self.stream_plan(checks.image_shape(image_shape, input_channels(self.stream_module)), dtype)
+        shape = checks.image_shape(image_shape, input_channels(self.stream_module))
+        plan = self._plan(shape, dtype, None) if per_tile_loss else self.stream_plan(shape, dtype)
         costs = self.planner.costs([p.stage for p in plan.stages], plan.request.channels)
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plan.stages, costs)],
                              plan.request.batch, plan.request.itemsize,
-                             time_model or TimeModel.for_device(self.device), [p.tile_batch for p in plan.stages])
+                             time_model or TimeModel.for_device(self.device), [p.tile_batch for p in plan.stages],
+                             per_tile_loss=per_tile_loss)
 
     @property
     def output_stride(self) -> tuple[int, int]:

@@ -256,21 +256,28 @@ def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
 
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
                   bytes_per_value: int = 4, time_model: TimeModel | None = None,
-                  tile_batches: list[int] | None = None) -> StepEstimate:
+                  tile_batches: list[int] | None = None, per_tile_loss: bool = False) -> StepEstimate:
     """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
 
     ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
     streamed in one piece is a single stage. ``tile_batches``: per stage, the most tiles one
     run holds (default 1; a batch of ``k`` tiles holds ``k`` tiles' values). ``time_model`` defaults to multiply-adds only
     (``StreamingCNN.estimate`` passes its device's :meth:`TimeModel.for_device`).
+    ``per_tile_loss``: a ``stream_loss`` step (one stage; each tile's backward follows its forward
+    with the graph kept, and no output map is stitched).
     """
     time_model = time_model or TimeModel()
     threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
     passes = [_batched(_stage_pass(graph, plan, costs, threshold), k)
               for (graph, plan, costs), k in zip(stages, tile_batches or [1] * len(stages))]
+    whole_output = passes[-1].output_map
+    if per_tile_loss:
+        if len(passes) != 1:
+            raise ValueError("a per-tile loss streams the trunk in one piece: give one stage")
+        passes = [replace(passes[0], output_map=0.0)]
     maps = [p.output_map for p in passes]
     fmap = maps[-1]
-    keeps_graph = [p.tiles == 1 for p in passes]
+    keeps_graph = [p.tiles == 1 or per_tile_loss for p in passes]
     held_graphs = [p.tile_saved if keep else 0.0 for p, keep in zip(passes, keeps_graph)]
 
     peak = 0.0
@@ -292,7 +299,7 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     time = sum(p.tile_work * (3 if keep else 4) for p, keep in zip(passes, keeps_graph))
     time += time_model.fresh_memory_cost * fresh
     whole_time = 3 * whole_work + time_model.fresh_memory_cost * whole_fresh
-    whole = fmap + max(sum(p.whole_saved for p in passes[:k]) + passes[k].whole_backward
+    whole = whole_output + max(sum(p.whole_saved for p in passes[:k]) + passes[k].whole_backward
                        for k in range(len(passes)))
     return StepEstimate(
         tiles=sum(p.tiles for p in passes),

@@ -156,6 +156,13 @@ def _interpolation(call: OpCall, size: Any, scale_factor: Any, mode: Any, align_
     if recompute_scale_factor or antialias:
         call.refuse("recompute_scale_factor=True and antialias=True are not streamed; leave them at their defaults")
     factors = _integer_factors(call, scale_factor, "scale_factor")
+    if any(f & (f - 1) for f in factors):
+        call.refuse(f"it upsamples by {scale_factor!r}, not a power of two: PyTorch maps output o to input "
+                    "position (o + 0.5) / factor - 0.5 (or o / factor) in floating point, exactly only when "
+                    "1 / factor is a power of two; otherwise the rounding depends on o, so a tile (small "
+                    "positions) and the whole image (large ones) pick different pixels or weights (up to "
+                    "1e-2 in float32 far from the origin); use a power-of-two factor, PixelShuffle or a "
+                    "ConvTranspose2d")
     return Resampling(factors[0], mode), Resampling(factors[1], mode)
 
 

@@ -45,7 +45,8 @@ class StreamingConvNext(ImageClassifier):
     Args:
         model_name: one of :data:`CONVNEXT_NAMES`. The receptive field of ``features``, the
             smallest tile, is 1688 px for tiny and 3416 px for the others.
-        Others as in :class:`~lightstream.models.StreamingResNet`.
+        tile_size, loss_fn, train_streaming_layers, metrics, num_classes, weights, last_trunk_layer, **kwargs:
+            as in :class:`~lightstream.models.StreamingResNet`.
 
     The constructor's arguments (but ``loss_fn`` and ``metrics``) are saved as hyperparameters:
     ``StreamingConvNext.load_from_checkpoint(path)`` rebuilds the model (add ``weights=None`` to skip

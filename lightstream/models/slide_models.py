@@ -77,8 +77,8 @@ class SlideAttentionMIL(AttentionMIL):
     """A streamed backbone with a gated-attention MIL head (:class:`~lightstream.modules.AttentionMIL`).
 
     Args:
-        backbone, num_classes, tile_size, weights, lr, train_streaming_layers, stages,
-            stage_memory, tile_cache_dir, progress: as in :class:`SlideClassifier`.
+        backbone, num_classes, tile_size, weights, lr, train_streaming_layers, stages, stage_memory, tile_cache_dir, progress:
+            as in :class:`SlideClassifier`.
         embed_dim, attention_dim, dropout, instance_classifier, instance_k, instance_loss_weight:
             of the MIL head and its instance loss (see :class:`~lightstream.modules.AttentionMIL`).
 

@@ -13,8 +13,8 @@ runs the head's backward and then the streamed backward, and the trunk's gradien
 through autograd like any other module's. DDP's gradient hooks, ``accumulate_grad_batches``,
 gradient clipping and the precision plugin's loss scaling therefore apply to the trunk too.
 
-*The reference's manual style still works.* A subclass that overrides :meth:`backward` (or
-calls :meth:`forward_streaming` under ``torch.no_grad()``, e.g. with manual optimisation) gets a
+*The reference's manual style still works.* A subclass that overrides :meth:`~StreamingModule.backward` (or
+calls :meth:`~StreamingModule.forward_streaming` under ``torch.no_grad()``, e.g. with manual optimisation) gets a
 *detached* feature map, as the paper's API returns, and must hand its gradient back::
 
     def training_step(self, batch, batch_idx):
@@ -27,7 +27,7 @@ calls :meth:`forward_streaming` under ``torch.no_grad()``, e.g. with manual opti
         loss.backward()
         self.backward_streaming(self.image, self.fmap.grad)
 
-:meth:`backward_streaming` does not run the forward again: the module keeps the autograd graph
+:meth:`~StreamingModule.backward_streaming` does not run the forward again: the module keeps the autograd graph
 of the last detached forward (one image) and backpropagates ``gradient`` through it, so this
 path is also exact, also replays the forward's autocast state, and also reaches DDP's hooks.
 Calling it after an attached forward raises (it would count the trunk's gradient twice).
@@ -37,7 +37,7 @@ Normalisation layers
 BatchNorm in training mode normalises with statistics of the whole image, which tiles cannot
 reproduce, so the trunk's BatchNorm layers always stay in eval mode (running statistics; their
 affine weights still train). :meth:`StreamingModule.train` re-freezes them after every
-``.train()`` call, and :meth:`on_train_epoch_start` does it again in case user code switched
+``.train()`` call, and :meth:`~StreamingModule.on_train_epoch_start` does it again in case user code switched
 modes directly. Lightning warns at fit start that some modules are in eval mode: those are
 the trunk's BatchNorm layers, frozen on purpose.
 """

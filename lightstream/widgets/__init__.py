@@ -5,7 +5,13 @@ their state lives in plain objects (:class:`TileTunerModel`, ``MemoryMonitor.his
 """
 
 from .memory import MemoryMonitor, in_notebook_kernel
-from .model import StepMeasurement, TileTunerModel, default_tile_sizes, stage_profiles, streaming_network
+from .model import (
+    StepMeasurement,
+    TileTunerModel,
+    default_tile_sizes,
+    stage_profiles,
+    streaming_network,
+)
 from .tuner import TileTuner
 
 __all__ = [

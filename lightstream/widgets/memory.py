@@ -13,8 +13,10 @@ import ipywidgets as widgets
 import lightning as L
 import psutil
 import torch
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 from matplotlib.figure import Figure
 
+from lightstream.core.memory import TensorPeak
 from lightstream.viz import MemorySample, plot_memory
 
 from .model import _is_positive_int
@@ -39,9 +41,13 @@ def in_notebook_kernel() -> bool:
 class MemoryMonitor(L.Callback):
     """Record memory and step time of every training batch; plot them live in a notebook.
 
-    On CUDA each sample holds the GPU memory held by tensors at the end of the step, the peak
-    during the step (the number that matters for streaming) and the caching allocator's
-    reservation; the process RSS (host memory) is always recorded. Samples accumulate in
+    Each sample holds the step's tensor peak (``tensor_peak``: the most bytes tensors held during
+    the step above what they held before it, the quantity
+    :meth:`~lightstream.StreamingCNN.estimate` predicts; on the CPU measured with PyTorch's
+    profiler, see :class:`~lightstream.core.memory.TensorPeak`) and the process RSS (host
+    memory, which also counts allocator caching and library pages); on CUDA also the GPU memory
+    held at the end of the step, its absolute peak and the caching allocator's reservation.
+    Samples accumulate in
     :attr:`history` (a list of :class:`~lightstream.viz.MemorySample`), reset at each fit.
 
     Every ``log_every_n_steps`` steps (default: the trainer's) a line is logged through
@@ -54,12 +60,19 @@ class MemoryMonitor(L.Callback):
         refresh_s: minimum seconds between two redraws of the live plot.
         log_every_n_steps: logging period in steps; default the trainer's ``log_every_n_steps``.
         dpi: resolution of the live plot.
+        tensor_peak: measure the step's tensor peak (on the CPU this runs each step under
+            PyTorch's profiler, a few microseconds per operation; it is skipped, with one
+            warning, while another profiler runs).
     """
 
     def __init__(self, live: bool | None = None, refresh_s: float = 1.0, log_every_n_steps: int | None = None,
-                 dpi: int = 72) -> None:
+                 dpi: int = 72, tensor_peak: bool = True) -> None:
         super().__init__()
         _check_monitor_arguments(live, refresh_s, log_every_n_steps, dpi)
+        if not isinstance(tensor_peak, bool):
+            raise TypeError(f"tensor_peak must be True or False, got {tensor_peak!r}")
+        self.tensor_peak = tensor_peak
+        self._peak: TensorPeak | None = None
         self.live = live
         self.refresh_s = refresh_s
         self.log_every_n_steps = log_every_n_steps
@@ -91,6 +104,13 @@ class MemoryMonitor(L.Callback):
                              batch_idx: int) -> None:
         if pl_module.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(pl_module.device)
+        self._peak = None
+        if self.tensor_peak and pl_module.device.type in ("cpu", "cuda"):
+            try:
+                self._peak = TensorPeak(pl_module.device).__enter__()
+            except RuntimeError as error:  # another profiler runs (e.g. the Trainer's)
+                rank_zero_warn(f"MemoryMonitor: no tensor peak while another profiler runs ({error})")
+                self.tensor_peak = False
         self._step_start = time.perf_counter()
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -100,12 +120,16 @@ class MemoryMonitor(L.Callback):
         if cuda:
             torch.cuda.synchronize(device)
         now = time.perf_counter()
+        peak, self._peak = self._peak, None
+        if peak is not None:
+            peak.__exit__(None, None, None)
         sample = MemorySample(
             step=len(self.history), elapsed=now - self._fit_start, step_time=now - self._step_start,
             rss=self._process.memory_info().rss,
             allocated=torch.cuda.memory_allocated(device) if cuda else None,
             peak_allocated=torch.cuda.max_memory_allocated(device) if cuda else None,
             reserved=torch.cuda.memory_reserved(device) if cuda else None,
+            tensor_peak=None if peak is None else peak.bytes,
         )
         self.history.append(sample)
         period = self.log_every_n_steps or trainer.log_every_n_steps or 1
@@ -113,6 +137,11 @@ class MemoryMonitor(L.Callback):
             self._log(trainer, sample)
         if self._figure is not None and now - self._last_draw >= self.refresh_s:
             self.draw()
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if self._peak is not None:  # a step that raised leaves no profiler running
+            self._peak.__exit__(type(exception), exception, exception.__traceback__)
+            self._peak = None
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.history and trainer.is_global_zero:
@@ -136,13 +165,14 @@ class MemoryMonitor(L.Callback):
 
     def _log(self, trainer: L.Trainer, sample: MemorySample) -> None:
         metrics = {"time/step_s": sample.step_time, "memory/rss_gib": sample.rss / _GIB}
-        for name in ("allocated", "peak_allocated", "reserved"):
+        for name in ("tensor_peak", "allocated", "peak_allocated", "reserved"):
             value = getattr(sample, name)
             if value is not None:
                 metrics[f"memory/{name}_gib"] = value / _GIB
         for trainer_logger in trainer.loggers:
             trainer_logger.log_metrics(metrics, step=trainer.global_step)
-        logger.info("step %d: %.3f s/step, RSS %.2f GiB%s", sample.step, sample.step_time, sample.rss / _GIB,
+        logger.info("step %d: %.3f s/step, tensor peak %s, RSS %.2f GiB%s", sample.step, sample.step_time,
+                    "-" if sample.tensor_peak is None else f"{sample.tensor_peak / _GIB:.2f} GiB", sample.rss / _GIB,
                     _gpu_peak_text([sample]))
 
 

@@ -7,29 +7,49 @@ from __future__ import annotations
 
 import logging
 import numbers
+import threading
 import time
-from collections.abc import Iterable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 import numpy as np
-import psutil
 import torch
 from torch import nn
 
-from lightstream.core import ImageSource, LayerProfile, StreamingCNN, TilePlan, TileTooSmallError
+from lightstream.core import (
+    ImageSource,
+    LayerProfile,
+    StreamingCNN,
+    TilePlan,
+    TileTooSmallError,
+)
 from lightstream.core.checks import tile_pair
 from lightstream.core.estimate import StepEstimate
-from lightstream.core.memory import peak_rss, reset_peak_rss
+from lightstream.core.memory import (
+    RSS_REASON,
+    TensorPeak,
+    peak_rss,
+    process_rss,
+    reset_peak_rss,
+)
 from lightstream.core.stages import StagePlan
 from lightstream.viz import thumbnail
 
-__all__ = ["TileTunerModel", "StepMeasurement", "default_tile_sizes", "stage_profiles", "streaming_network"]
+__all__ = [
+    "StepMeasurement",
+    "TileTunerModel",
+    "default_tile_sizes",
+    "estimate_disagreement",
+    "stage_profiles",
+    "streaming_network",
+]
 
 logger = logging.getLogger(__name__)
 
 _MAX_DEFAULT_TILE = 16384
+DISAGREEMENT = 0.25
+"""Relative difference between measured and estimated peak past which the tuner says so."""
 
 
 @dataclass(frozen=True)
@@ -39,20 +59,48 @@ class StepMeasurement:
     Attributes:
         tile_size: tile side in pixels the step ran with.
         seconds: wall time of the step.
-        peak_bytes: on CUDA, the most memory held by tensors during the step
-            (``torch.cuda.max_memory_allocated``); on CPU, the growth of the process's peak
-            RSS over its RSS before the step (Linux; elsewhere the RSS growth after the step).
-        memory_label: which of the two ``peak_bytes`` is.
+        peak_bytes: the most memory held by tensors during the step, above what tensors held
+            before it: the quantity :meth:`StreamingCNN.estimate` predicts as ``peak_bytes``
+            (CUDA: ``torch.cuda.max_memory_allocated``; CPU: the allocator's events, see
+            :class:`~lightstream.core.memory.TensorPeak`).
+        rss_bytes: growth of the process's peak RSS during the step (Linux; elsewhere the RSS
+            growth after it). Not comparable to the estimate: it also counts allocator caching
+            and library pages (:data:`~lightstream.core.memory.RSS_REASON`).
+        memory_label: how ``peak_bytes`` was measured, in words.
         device: where the trunk ran.
         backward: whether a backward ran (``False`` when no trunk parameter requires grad).
+        tile_runs: how many times a tile (or batch of tiles) ran through a stage, forward and
+            recomputed for the backward.
     """
 
     tile_size: int
     seconds: float
     peak_bytes: int
+    rss_bytes: int
     memory_label: str
     device: str
     backward: bool
+    tile_runs: int = 0
+
+    @property
+    def rss_reason(self) -> str:
+        """Why :attr:`rss_bytes` is larger than :attr:`peak_bytes`, in one line."""
+        return RSS_REASON
+
+
+def estimate_disagreement(measured: int, estimated: int) -> str | None:
+    """A sentence when a measured tensor peak and its estimate differ by more than 25 %, else ``None``."""
+    if estimated <= 0 or abs(measured - estimated) <= DISAGREEMENT * estimated:
+        return None
+    ratio = measured / estimated
+    side = "more" if ratio > 1 else "less"
+    return (f"The measured peak is {ratio:.2f}× the estimate ({abs(ratio - 1):.0%} {side}): the estimate "
+            "counts the values autograd saves and the stitched maps, so a gap this large means memory "
+            "the cost model does not see (a custom operation's buffers, or a different dtype).")
+
+
+class _StepCancelled(Exception):
+    """Raised by the tile counter's hook to stop a measured step at the next tile."""
 
 
 def streaming_network(model_or_trunk: nn.Module) -> StreamingCNN | None:
@@ -127,11 +175,15 @@ class TileTunerModel:
                       default_tile_sizes(self.minimum_tile_size, max(geometry.output_stride), max(size)))
         if tile_size is None and self.target is not None:
             tile_size = self.target.tile_size[0]
+        self._plan_keys: dict[int, tuple] = {}
+        self.tile_sizes: list[int] = self._distinct(sorted(options))
+        """The tile sides to choose from: one per distinct plan (the smallest side giving it; of
+        the sides too small for the trunk, the largest), so every step of a slider changes the plan."""
         if tile_size is None:
-            comfortable = sorted(t for t in options if t >= 2 * self.minimum_tile_size)
-            tile_size = comfortable[0] if comfortable else max(options)
-        self.tile_sizes: list[int] = sorted(options | {int(tile_size)})
-        """The tile sides to choose from (the initial one included)."""
+            comfortable = [t for t in self.tile_sizes if t >= 2 * self.minimum_tile_size]
+            tile_size = comfortable[0] if comfortable else self.tile_sizes[-1]
+        else:
+            tile_size = self.snap(tile_size)
         self.thumbnail: np.ndarray | None = (thumbnail(image, thumbnail_size)
                                              if not isinstance(image, (tuple, list)) else None)
         self.plan: TilePlan | None = None
@@ -144,6 +196,49 @@ class TileTunerModel:
         self.measurement: StepMeasurement | None = None
         self._tile_size = 0
         self.tile_size = tile_size
+
+    def plan_key(self, tile_size: int) -> tuple:
+        """What the engine would compute at ``tile_size``: per stage its name and tile spans
+        (equal keys, equal computation), or ``("invalid", reason)``. Cached per side."""
+        side = _square(tile_size)
+        if side not in self._plan_keys:
+            previous = self.engine.tile_size
+            try:
+                self.engine.tile_size = (side, side)
+                self._plan_keys[side] = tuple((p.stage.name, p.plan.row_spans, p.plan.col_spans)
+                                              for p in self.engine.stage_plans(self.image_shape))
+            except TileTooSmallError:
+                self._plan_keys[side] = ("invalid", "tile too small")
+            except ValueError as error:
+                self._plan_keys[side] = ("invalid", str(error))
+            finally:
+                self.engine.tile_size = previous
+        return self._plan_keys[side]
+
+    def snap(self, tile_size: int) -> int:
+        """The option giving the same plan as ``tile_size``; a side with a plan no option gives is
+        added to :attr:`tile_sizes` and returned as it is."""
+        side = _square(tile_size)
+        if side in self.tile_sizes:
+            return side
+        key = self.plan_key(side)
+        same = [t for t in self.tile_sizes if self.plan_key(t) == key]
+        if same:
+            return same[0]
+        self.tile_sizes = sorted([*self.tile_sizes, side])
+        return side
+
+    def _distinct(self, options: list[int]) -> list[int]:
+        """``options`` (sorted) with each run of sides giving one plan reduced to one side."""
+        kept: list[int] = []
+        for side in options:
+            key = self.plan_key(side)
+            if kept and self.plan_key(kept[-1]) == key:
+                if key[0] == "invalid":  # keep the largest too-small side: just below the minimum
+                    kept[-1] = side
+                continue
+            kept.append(side)
+        return kept
 
     @property
     def tile_size(self) -> int:
@@ -179,13 +274,20 @@ class TileTunerModel:
         self.target.tile_size = (self._tile_size, self._tile_size)
         logger.info("tile size set to %d px", self._tile_size)
 
-    def measure_step(self) -> StepMeasurement:
+    def measure_step(self, progress: Callable[[int, int], None] | None = None,
+                     cancel: threading.Event | None = None) -> StepMeasurement | None:
         """Run one real forward and backward of the streamed trunk at the chosen tile size.
 
         Uses the image (or a random one of its shape when only a size, or an object that cannot
         be read, was given) with the engine's normalisation. Gradients are returned by autograd
         and dropped, so the trunk's ``.grad`` is left untouched. Raises ``ValueError`` when the
         tile size is invalid.
+
+        Tiles are counted by a forward pre-hook on the first module of each stage (every run of
+        a tile, or batch of tiles, through a stage calls it once; the engine's own loop is left
+        as it is). ``progress(done, total)`` is called as each such run starts; when ``cancel`` is
+        set the hook raises at the next run, the step unwinds (hooks removed, no gradient kept)
+        and ``None`` is returned: the trunk and the tuner stay usable.
         """
         if self.plan is None:
             raise ValueError(self.warning or "no valid plan at this tile size")
@@ -195,17 +297,30 @@ class TileTunerModel:
         image = self._step_image()
         params = [p for p in self.trunk.parameters() if p.requires_grad]
         device = engine.device
-        with _peak_memory(device) as peak:
-            start = time.perf_counter()
-            fmap = engine.forward_autograd(image)
-            if params:
-                torch.autograd.grad(fmap.float().square().mean(), params)
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-            seconds = time.perf_counter() - start
-        self.measurement = StepMeasurement(tile, seconds, peak.value, peak.label, str(device), bool(params))
-        logger.info("measured one step at tile %d px: %.3f s, %s %d bytes", tile, seconds, peak.label,
-                    peak.value)
+        counter = _TileCounter(engine.stage_plans(self.image_shape), bool(params), progress, cancel)
+        rss_before = process_rss()
+        rss_peak_reset = reset_peak_rss()
+        try:
+            with counter, TensorPeak(device) as peak:
+                start = time.perf_counter()
+                fmap = engine.forward_autograd(image)
+                if params:
+                    torch.autograd.grad(fmap.float().square().mean(), params)
+                del fmap
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                seconds = time.perf_counter() - start
+        except _StepCancelled:
+            logger.info("measuring one step at tile %d px cancelled after %d of %d tile runs", tile,
+                        counter.done, counter.total)
+            return None
+        rss = (peak_rss() if rss_peak_reset else process_rss()) - rss_before
+        label = ("tensor peak (torch.cuda.max_memory_allocated)" if device.type == "cuda"
+                 else "tensor peak (CPU allocator events)")
+        self.measurement = StepMeasurement(tile, seconds, peak.bytes, max(0, rss), label, str(device),
+                                           bool(params), counter.done)
+        logger.info("measured one step at tile %d px: %.3f s, tensor peak %d bytes, RSS growth %d bytes", tile,
+                    seconds, peak.bytes, rss)
         return self.measurement
 
     def _step_image(self) -> torch.Tensor | ImageSource:
@@ -324,32 +439,34 @@ def _buffer(network: StreamingCNN | None, name: str) -> torch.Tensor | None:
     return value if value is not None and value.numel() else None
 
 
-class _Peak:
-    def __init__(self, label: str) -> None:
-        self.label = label
-        self.value = 0
+class _TileCounter:
+    """Counts runs of tiles through the stages with forward pre-hooks; reports progress, stops on cancel.
 
-
-@contextmanager
-def _peak_memory(device: torch.device) -> Iterator[_Peak]:
-    """Track the peak memory of the block: CUDA tensor memory, or the growth of the process RSS.
-
-    On Linux the kernel's peak-RSS mark is reset before the block and read after it (exact, no
-    overhead); elsewhere only the RSS after the block is known.
+    ``total`` is what the engine runs: each stage's batches once forward and once more for the
+    backward, except a stage of one tile that keeps its graph (see ``core/execution.py``).
     """
-    if device.type == "cuda":
-        peak = _Peak("GPU peak allocated")
-        torch.cuda.reset_peak_memory_stats(device)
-        yield peak
-        peak.value = torch.cuda.max_memory_allocated(device)
-        return
-    process = psutil.Process()
-    base = process.memory_info().rss
-    if reset_peak_rss():
-        peak = _Peak("peak RSS growth")
-        yield peak
-        peak.value = max(0, peak_rss() - base)
-    else:
-        peak = _Peak("RSS growth after the step")
-        yield peak
-        peak.value = max(0, process.memory_info().rss - base)
+
+    def __init__(self, stage_plans: Sequence[StagePlan], backward: bool,
+                 progress: Callable[[int, int], None] | None, cancel: threading.Event | None) -> None:
+        self.modules = [next(s.target for s in plan.stage.graph.steps if isinstance(s.target, nn.Module))
+                        for plan in stage_plans]
+        self.total = sum(len(plan.batches) * (2 if backward and len(plan.plan) > 1 else 1) for plan in stage_plans)
+        self.done = 0
+        self.progress, self.cancel = progress, cancel
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Self:
+        self._handles = [module.register_forward_pre_hook(self._count) for module in self.modules]
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _count(self, module: nn.Module, args: Any) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise _StepCancelled
+        self.done += 1
+        if self.progress is not None:
+            self.progress(self.done, self.total)

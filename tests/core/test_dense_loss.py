@@ -276,3 +276,20 @@ def test_tiles_batched_together_and_a_lazy_image_give_the_same_loss_and_gradient
     assert relative_error(loss, expected) <= 1e-10
     for (name, param), grad in zip(trunk.named_parameters(), expected_grads):
         assert relative_error(param.grad, grad) <= 1e-10, name
+
+
+def test_the_per_tile_loss_estimate_counts_no_recompute_and_no_stitched_output() -> None:
+    from lightstream import TimeModel
+
+    trunk = TinyUNet("bilinear").eval()
+    scnn = StreamingCNN(trunk, tile_size=128)
+    shape = (1, 3, 1024, 1024)
+    streamed_loss = scnn.estimate(shape, time_model=TimeModel(), per_tile_loss=True)
+    forward_backward = scnn.estimate(shape, time_model=TimeModel())
+    assert streamed_loss.feature_map_bytes == 0 and forward_backward.feature_map_bytes == 3 * 1024 * 1024 * 4
+    # multiply-adds only: each tile runs once forward and once backward, like the whole image
+    assert streamed_loss.relative_time == pytest.approx(streamed_loss.recompute_factor, rel=1e-9)
+    assert forward_backward.relative_time == pytest.approx(4 / 3 * forward_backward.recompute_factor, rel=1e-9)
+    # the same tile backward, without the stitched output and its gradient
+    assert streamed_loss.peak_bytes == forward_backward.peak_bytes - 2 * forward_backward.feature_map_bytes
+    assert streamed_loss.whole_image_bytes == forward_backward.whole_image_bytes

@@ -23,12 +23,13 @@ from tests.core.dense_networks import ResNet18UNet, TinyFPN, TinyUNet, randomise
 
 DECODER_OPS = {
     "nearest x2": nn.Upsample(scale_factor=2, mode="nearest"),
-    "nearest x3": nn.Upsample(scale_factor=3, mode="nearest"),
-    "nearest-exact x3": nn.Upsample(scale_factor=3, mode="nearest-exact"),
+    "nearest x4": nn.Upsample(scale_factor=4, mode="nearest"),
+    "nearest-exact x2": nn.Upsample(scale_factor=2, mode="nearest-exact"),
     "bilinear x2": nn.Upsample(scale_factor=2, mode="bilinear"),
-    "bilinear x3": nn.Upsample(scale_factor=3, mode="bilinear"),
+    "bilinear x4": nn.Upsample(scale_factor=4, mode="bilinear"),
     "bicubic x2": nn.Upsample(scale_factor=2, mode="bicubic"),
-    "bilinear (2, 3)": nn.Upsample(scale_factor=(2, 3), mode="bilinear"),
+    "bilinear (2, 1)": nn.Upsample(scale_factor=(2, 1), mode="bilinear"),
+    "bicubic (1, 4)": nn.Upsample(scale_factor=(1, 4), mode="bicubic"),
     "transpose k2 s2": nn.ConvTranspose2d(3, 2, 2, stride=2),
     "transpose k3 s2 p1 op1": nn.ConvTranspose2d(3, 2, 3, stride=2, padding=1, output_padding=1),
     "transpose k4 s2 p1": nn.ConvTranspose2d(3, 2, 4, stride=2, padding=1),
@@ -125,6 +126,9 @@ def test_forward_autograd_of_a_unet_matches_the_whole_image() -> None:
     (nn.Upsample(size=(16, 16)), "size="),
     (nn.Upsample(scale_factor=1.5), "whole number"),
     (nn.Upsample(scale_factor=2, mode="area"), "mode='area'"),
+    (nn.Upsample(scale_factor=3, mode="bilinear"), "not a power of two"),
+    (nn.Upsample(scale_factor=(2, 6), mode="bicubic"), "not a power of two"),
+    (nn.Upsample(scale_factor=3, mode="nearest"), "not a power of two"),
 ])
 def test_non_local_upsampling_is_refused_naming_the_module(layer: nn.Module, words: str) -> None:
     trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), layer)
@@ -167,7 +171,7 @@ def test_a_trunk_finer_than_the_image_has_a_fractional_stride_and_its_tiles_part
     torch.manual_seed(0)
     trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 4, 3, stride=2, padding=1,
                                                                                          output_padding=1),
-                          nn.Upsample(scale_factor=3, mode="bilinear"), nn.Conv2d(4, 2, 3, padding=1)).double()
+                          nn.Conv2d(4, 18, 1), nn.PixelShuffle(3), nn.Conv2d(2, 2, 3, padding=1)).double()
     scnn = assert_streaming_exact(trunk, torch.randn(2, 3, 30, 26, dtype=torch.float64), (12, 10))
     assert scnn.output_stride == (Fraction(1, 6), Fraction(1, 6))
     plan = scnn.plan((2, 3, 30, 26))
@@ -178,3 +182,17 @@ def test_a_trunk_finer_than_the_image_has_a_fractional_stride_and_its_tiles_part
     assert bool((owned == 1).all())
     rows, cols = plan.tile_stride  # image pixels between interior tiles: output cells times 1/6
     assert isinstance(rows, (int, Fraction)) and 0 < rows < 12 and 0 < cols < 10
+
+
+@pytest.mark.parametrize("mode", ["nearest", "nearest-exact", "bilinear", "bicubic"])
+def test_power_of_two_upsampling_is_bit_exact_in_float32_far_from_the_origin(mode: str) -> None:
+    # The reason other factors are refused: with 1/factor a power of two, PyTorch's source
+    # positions are exact floats, so a crop far from the origin matches the whole map bit for bit.
+    torch.manual_seed(0)
+    graph = TrunkGraph(nn.Sequential(nn.Upsample(scale_factor=4, mode=mode)))
+    image = torch.randn(1, 1, 4, 40000)
+    sizes = graph.sizes(4, 40000)
+    expected = graph.trunk(image)
+    out, rows, cols = graph.run(image[..., 35000:35100], (0, 4), (35000, 35100), sizes)
+    assert cols[1] - cols[0] >= 380
+    assert torch.equal(out, expected[..., rows[0]:rows[1], cols[0]:cols[1]])

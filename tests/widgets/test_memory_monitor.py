@@ -84,3 +84,29 @@ def test_records_gpu_memory_on_cuda(tmp_path: Path) -> None:
     fit(monitor, tmp_path, accelerator="gpu")
     for sample in monitor.history:
         assert sample.peak_allocated >= sample.allocated > 0 and sample.reserved >= sample.allocated
+
+
+class Scratch(Tiny):
+    """A step that holds a 16 MiB temporary on top of a tiny model."""
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        scratch = torch.ones(4 << 20)  # 16 MiB of float32
+        return super().training_step(batch, batch_idx) + 0 * scratch.sum()
+
+
+def test_records_the_steps_tensor_peak_on_the_cpu(tmp_path: Path) -> None:
+    monitor = MemoryMonitor()
+    data = TensorDataset(torch.rand(4, 3, 16, 16), torch.randint(0, 2, (4,)))
+    trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[monitor], logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        default_root_dir=tmp_path)
+    trainer.fit(Scratch(), DataLoader(data, batch_size=2))
+    for sample in monitor.history:
+        assert 16 << 20 <= sample.tensor_peak < (16 << 20) + (1 << 20)  # the temporary, plus a tiny model's
+        assert sample.rss > sample.tensor_peak
+
+
+def test_no_tensor_peak_when_asked_not_to(tmp_path: Path) -> None:
+    monitor = MemoryMonitor(tensor_peak=False)
+    fit(monitor, tmp_path, steps=1)
+    assert monitor.history[0].tensor_peak is None

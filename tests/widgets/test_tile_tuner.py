@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import statistics
+import base64
 import time
+from dataclasses import replace
 
 import pytest
 import torch
-import torchvision
 from torch import nn
 
 from lightstream import StreamingCNN
+from lightstream.core.planner import Planner
 from lightstream.widgets import TileTuner
 
 SIZES = [8, 16, 32, 64]
@@ -50,10 +51,28 @@ def test_too_small_tile_shows_a_warning_not_an_error(trunk: nn.Module) -> None:
     assert tuner.slider.value == 32 and tuner.warning.value == "" and not tuner.measure_button.disabled
 
 
-def test_tile_size_setter_rejects_values_off_the_slider(trunk: nn.Module) -> None:
+def test_tile_size_set_in_code_snaps_to_the_option_with_the_same_plan(trunk: nn.Module) -> None:
     tuner = TileTuner(trunk, (64, 64), SIZES)
-    with pytest.raises(ValueError, match="not one of the slider's tile sizes"):
-        tuner.tile_size = 20
+    tuner.tile_size = 100  # larger than the image: the same single tile as 64 px
+    assert tuner.slider.value == 64 == tuner.tile_size and list(tuner.slider.options) == SIZES
+    tuner.tile_size = 20  # a plan no option gives: added to the slider
+    assert tuner.slider.value == 20 and 20 in tuner.slider.options
+    assert "tile 20 px on a 64 × 64 px image" in tuner.stats.value
+    with pytest.raises(ValueError, match="tile_size must be a positive number of pixels"):
+        tuner.tile_size = 0
+
+
+def test_slider_and_engine_stay_in_sync_both_ways(trunk: nn.Module) -> None:
+    engine = StreamingCNN(trunk, tile_size=32)
+    tuner = TileTuner(engine, (128, 128), SIZES)
+    tuner.slider.value = 16  # the slider sets the engine
+    assert engine.tile_size == (16, 16)
+    tuner.slider.value = 8  # too small: the engine keeps its last valid tile
+    assert engine.tile_size == (16, 16)
+    engine.tile_size = 64  # code sets the engine: the slider follows at the next sync (after each cell)
+    tuner.sync()
+    assert tuner.slider.value == 64 and f">{len(tuner.model.plan)} (" in tuner.stats.value
+    assert len(tuner.model.plan) == len(engine.plan((128, 128)))
 
 
 def test_profile_is_rendered_again_only_when_it_changes(trunk: nn.Module) -> None:
@@ -72,7 +91,7 @@ def test_measure_button_reports_a_real_step(trunk: nn.Module) -> None:
     thread = tuner.measure_step(wait=True)
     assert thread is not None and not thread.is_alive()
     assert "measured at 32 px on cpu" in tuner.measurement.value
-    assert "estimated peak" in tuner.measurement.value
+    assert "vs estimated" in tuner.measurement.value
     assert tuner.model.measurement.seconds > 0 and not tuner.measure_button.disabled
 
     tuner.measure_button.click()  # the button starts the same background measurement
@@ -85,7 +104,7 @@ def test_measure_button_reports_a_real_step(trunk: nn.Module) -> None:
 def test_failed_measurement_is_shown_in_the_widget(trunk: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
     tuner = TileTuner(trunk, (64, 64), SIZES, tile_size=32)
 
-    def broken() -> None:
+    def broken(**_progress_and_cancel: object) -> None:
         raise RuntimeError("out of memory")
 
     monkeypatch.setattr(tuner.model, "measure_step", broken)
@@ -94,38 +113,84 @@ def test_failed_measurement_is_shown_in_the_widget(trunk: nn.Module, monkeypatch
     assert not tuner.measure_button.disabled
 
 
-def test_apply_sets_the_tile_size_of_the_given_engine(trunk: nn.Module) -> None:
+def test_unlinked_tuner_sets_the_engine_only_on_apply(trunk: nn.Module) -> None:
     engine = StreamingCNN(trunk, tile_size=16)
-    tuner = TileTuner(engine, (64, 64), SIZES)
+    tuner = TileTuner(engine, (64, 64), SIZES, link=False)
     tuner.slider.value = 64
     assert engine.tile_size == (16, 16)
     tuner.apply()
     assert engine.tile_size == (64, 64)
 
 
-def test_widget_displays_as_a_widget_view(trunk: nn.Module) -> None:
+def test_widget_displays_as_a_widget_view_with_a_static_fallback(trunk: nn.Module) -> None:
     tuner = TileTuner(trunk, (64, 64), SIZES)
     bundle = tuner._repr_mimebundle_()
     assert bundle["application/vnd.jupyter.widget-view+json"]["model_id"] == tuner.widget.model_id
+    assert base64.b64decode(bundle["image/png"]) == bytes(tuner.grid_image.value)
+    assert base64.b64decode(bundle["image/png"]).startswith(PNG)
+    assert bundle["text/html"].count('<img src="data:image/png;base64,') == 2
+    assert tuner.stats.value in bundle["text/html"]
 
 
-@pytest.mark.slow
-def test_resnet50_redraw_is_under_a_second() -> None:
-    """Plan, estimate and grid figure for a new tile size of a ResNet-50 on a 4096² image.
+def test_a_slider_move_neither_traces_nor_plans_again(trunk: nn.Module, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every option's plan is made once when the tuner is built; moving the slider reuses it."""
+    tuner = TileTuner(StreamingCNN(trunk, tile_size=32), (256, 256), [16, 24, 32, 48, 64, 128])
+    calls = {"trace": 0, "plan": 0}
+    make_plan, init = Planner._make_plan, Planner.__init__
 
-    Timed in CPU seconds of this thread (the redraw is single-threaded), so a busy machine
-    does not fail it; ``last_redraw_seconds`` reports the wall time.
-    """
-    resnet = torchvision.models.resnet50()
-    trunk = nn.Sequential(*list(resnet.children())[:-2]).eval()
-    tuner = TileTuner(trunk, torch.rand(1, 3, 4096, 4096))
-    assert tuner.model.minimum_tile_size == 11  # staged by default: the stem's receptive field
-    times = []
-    for size in (512, 768, 1024, 2048, 256, 1536):
-        start = time.thread_time()
-        tuner.slider.value = size
-        times.append(time.thread_time() - start)
-    assert statistics.median(times) < 1.0, times
+    def counted_plan(self: Planner, *args: object) -> object:
+        calls["plan"] += 1
+        return make_plan(self, *args)
+
+    def counted_init(self: Planner, *args: object, **kwargs: object) -> None:
+        calls["trace"] += 1
+        init(self, *args, **kwargs)
+
+    monkeypatch.setattr(Planner, "_make_plan", counted_plan)
+    monkeypatch.setattr(Planner, "__init__", counted_init)
+    for side in [*tuner.slider.options, *reversed(tuner.slider.options)]:
+        tuner.slider.value = side
+        assert f">{len(tuner.model.plan)} (" in tuner.stats.value
+    assert calls == {"trace": 0, "plan": 0}
+
+
+def test_measurement_shows_progress_and_can_be_cancelled(trunk: nn.Module) -> None:
+    tuner = TileTuner(trunk, torch.rand(1, 3, 128, 128), SIZES, tile_size=16)
+    seen: list[tuple[int, int]] = []
+
+    def cancel_at_the_third_run(done: int, total: int) -> None:
+        seen.append((done, total))
+        if done == 3:
+            tuner.cancel()
+
+    tuner._on_progress = cancel_at_the_third_run  # type: ignore[method-assign]
+    tuner.measure_step(wait=True)
+    total = seen[0][1]
+    assert [done for done, _ in seen] == [1, 2, 3] and total > 3
+    assert "cancelled after" in tuner.measurement.value and tuner.model.measurement is None
+    assert tuner.cancel_button.disabled and not tuner.measure_button.disabled
+
+    del tuner._on_progress  # a full step afterwards: the trunk and tuner are usable, no hook left
+    tuner.measure_step(wait=True)
+    result = tuner.model.measurement
+    assert result is not None and result.tile_runs == total == tuner.progress.max == tuner.progress.value
+    assert all(not m._forward_pre_hooks for m in trunk.modules())
+    assert all(p.grad is None for p in trunk.parameters())
+
+
+def test_measurement_compares_tensor_peaks_and_names_rss_apart(trunk: nn.Module,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    tuner = TileTuner(trunk, torch.rand(1, 3, 64, 64), SIZES, tile_size=32)
+    tuner.measure_step(wait=True)
+    text = tuner.measurement.value
+    assert "tensor peak" in text and "vs estimated" in text
+    assert "process RSS growth" in text and "allocator caching and library pages" in text
+    measured = tuner.model.measurement
+    assert measured is not None and measured.peak_bytes > 0
+    half = replace(tuner.model.estimate, peak_bytes=measured.peak_bytes // 2)  # as if the estimate were off
+    monkeypatch.setattr(tuner.model, "estimate", half)
+    tuner.measure_step(wait=True)
+    assert "× the estimate" in tuner.measurement.value and "more" in tuner.measurement.value
 
 
 def test_a_staged_engine_shows_its_stages(trunk: nn.Module) -> None:

@@ -42,11 +42,11 @@ def test_more_tiles_at_smaller_sizes(trunk: nn.Module) -> None:
 
 
 def test_streaming_cnn_is_planned_with_a_copy_and_applied_on_request(trunk: nn.Module) -> None:
-    engine = StreamingCNN(trunk, tile_size=30)
+    engine = StreamingCNN(trunk, tile_size=48)
     model = TileTunerModel(engine, (128, 128), SIZES)
-    assert model.tile_size == 30 and model.tile_sizes == [8, 16, 30, 32, 64]  # the engine's, added
+    assert model.tile_size == 48 and model.tile_sizes == [8, 16, 32, 48, 64]  # the engine's plan, added
     model.tile_size = 64
-    assert engine.tile_size == (30, 30)  # untouched until apply()
+    assert engine.tile_size == (48, 48)  # untouched until apply()
     model.apply()
     assert engine.tile_size == (64, 64)
 
@@ -106,7 +106,8 @@ def test_measure_step_runs_forward_and_backward_without_touching_grads(trunk: nn
     result = model.measure_step()
     assert result is model.measurement
     assert result.tile_size == 32 and result.seconds > 0 and result.backward
-    assert result.peak_bytes >= 0 and result.memory_label == "peak RSS growth" and result.device == "cpu"
+    assert result.peak_bytes > 0 and result.rss_bytes >= 0 and result.device == "cpu"
+    assert result.memory_label == "tensor peak (CPU allocator events)"
     assert all(p.grad is None for p in trunk.parameters())
 
 
@@ -145,3 +146,22 @@ def test_a_staged_engine_is_planned_with_its_stages(trunk: nn.Module) -> None:
     assert model.minimum_tile_size == 4 < unstaged.minimum_tile_size  # only the first stage's field counts
     model.tile_size = 2
     assert "smallest valid tile is 4 px" in model.warning and model.profiles == []
+
+
+def test_tile_size_options_give_distinct_plans(trunk: nn.Module) -> None:
+    sides = list(range(4, 257, 4))
+    model = TileTunerModel(trunk, (200, 200), sides)
+    keys = [model.plan_key(side) for side in model.tile_sizes]
+    assert len(set(keys)) == len(keys) < len(sides)  # no two options plan alike; many sides collapsed
+    assert {model.plan_key(side) for side in sides} == set(keys)  # yet every plan is offered
+    assert model.tile_sizes[0] == 8 and model.tile_sizes[1] == 12  # the largest too-small side, then the minimum
+    assert model.tile_sizes[-1] < 256  # the sides past the image all give its single tile: one option
+    model.tile_size = model.tile_sizes[-1]
+    assert len(model.plan) == 1
+
+
+def test_an_engine_tile_with_an_offered_plan_snaps_to_that_option(trunk: nn.Module) -> None:
+    engine = StreamingCNN(trunk, tile_size=1000)
+    model = TileTunerModel(engine, (64, 64), SIZES)  # one tile of the whole image, as at 64 px
+    assert model.tile_size == 64 and model.tile_sizes == SIZES
+    assert model.plan_key(1000) == model.plan_key(64)
