@@ -205,3 +205,15 @@ def test_bf16_mixed_streams_the_loss_under_autocast_like_the_whole_image() -> No
                                for streamed, whole in zip(recorder.gradients, reference.parameters()))
     # the same as the whole image under the same autocast up to bf16 rounding; far from float32
     assert errors[True] <= 0.02 < errors[False], errors
+
+
+def test_load_from_checkpoint_restores_the_arguments_given_the_network(tmp_path) -> None:
+    model = _SGDSegmenter(_unet(), TILE, num_classes=3, ignore_index=IGNORE, lr=0.5, mean=[0.5] * 3, std=[2.0] * 3)
+    trainer = quiet_trainer(max_steps=1)
+    trainer.fit(model, loader(_data(2), 2))
+    trainer.save_checkpoint(tmp_path / "segmenter.ckpt")
+    restored = _SGDSegmenter.load_from_checkpoint(tmp_path / "segmenter.ckpt", stream_network=_unet(seed=5))
+    assert (restored.num_classes, restored.ignore_index, restored.lr, restored.tile_size) == (3, IGNORE, 0.5, (TILE, TILE))
+    assert max_difference(restored.stream_network.stream_module, model.stream_network.stream_module) == 0
+    images = _data(1)[:1][0]
+    assert torch.equal(restored(images), model(images))
