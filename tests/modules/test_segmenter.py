@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -13,6 +17,7 @@ from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardInde
 from lightstream.data import SegmentationSlideDataset, collate_single, write_synthetic_dataset
 from lightstream.models import UNet
 from lightstream.modules import ImageSegmenter
+import segmenter_ddp_fit
 from streaming_helpers import loader, max_difference, quiet_trainer
 
 TILE = 60
@@ -217,3 +222,26 @@ def test_load_from_checkpoint_restores_the_arguments_given_the_network(tmp_path)
     assert max_difference(restored.stream_network.stream_module, model.stream_network.stream_module) == 0
     images = _data(1)[:1][0]
     assert torch.equal(restored(images), model(images))
+
+
+def test_ddp_ranks_hold_the_weights_of_single_process_training_on_the_global_batch(tmp_path) -> None:
+    here = Path(__file__).parent
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(here.parents[1]), str(here),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    result = subprocess.run([sys.executable, str(here / "segmenter_ddp_fit.py"), str(tmp_path)], env=env,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-4000:]
+    ranks = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(segmenter_ddp_fit.WORLD_SIZE)]
+
+    reference = segmenter_ddp_fit.trunk()
+    data = segmenter_ddp_fit.dataset()
+    batch = segmenter_ddp_fit.LOCAL_BATCH * segmenter_ddp_fit.WORLD_SIZE
+    for step in range(segmenter_ddp_fit.STEPS):
+        images, targets = data[step * batch:(step + 1) * batch]
+        grads = torch.autograd.grad(F.cross_entropy(reference(images), targets), list(reference.parameters()))
+        with torch.no_grad():
+            for param, grad in zip(reference.parameters(), grads):
+                param -= segmenter_ddp_fit.LR * grad
+    for name, expected in reference.state_dict().items():
+        assert torch.equal(ranks[0][name], ranks[1][name]), name
+        assert (ranks[0][name] - expected).abs().max() <= 1e-10, name
