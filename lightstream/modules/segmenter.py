@@ -70,8 +70,10 @@ def check_image_size(engine: StreamingCNN, shape: Sequence[int]) -> None:
     batch, channels, height, width = (int(size) for size in shape)
     fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failure it raises, as an error
     level = fake_tensor_log.level
+    modes = [(layer, layer.training) for layer in trunk.modules()]
     try:
         fake_tensor_log.setLevel(logging.CRITICAL)
+        trunk.eval()  # in training mode BatchNorm would count this pass in its real num_batches_tracked
         with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
             trunk(torch.empty(batch, channels, height, width, dtype=parameter_dtype(trunk),
                               device=module_device(trunk)))
@@ -83,6 +85,8 @@ def check_image_size(engine: StreamingCNN, shape: Sequence[int]) -> None:
                          f"tiles would give a smaller output misaligned with the image: {fix}") from err
     finally:
         fake_tensor_log.setLevel(level)
+        for layer, training in modes:
+            layer.training = training
 
 
 class ImageSegmenter(StreamingModule):
