@@ -14,7 +14,7 @@ affine weights still train), as for classification.
 
 Sizes: every level halves the map with a 2x2 max pooling (or a stride-2 layer) and the decoder
 concatenates each upsampled map with the skip of the same level, so the image's height and width
-must be multiples of :attr:`size_multiple` (``2 ** depth``), as for any U-Net; crop or pad slides
+must be multiples of ``size_multiple`` (``2 ** depth``), as for any U-Net; crop or pad slides
 to it (e.g. ``SlideDataset(stride=model.size_multiple)``).
 """
 

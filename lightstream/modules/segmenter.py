@@ -12,7 +12,7 @@ and the prediction are all computed tile by tile and the whole output is never s
   the tiles' per-pixel losses over the number of counted pixels, and the metrics are updated per
   tile. The default metrics (Dice and IoU) accumulate confusion counts, so summed over tiles they
   equal the whole image's;
-* prediction: :meth:`predict_step` returns the class map; for a slide,
+* prediction: :meth:`ImageSegmenter.predict_step` returns the class map; for a slide,
   :func:`~lightstream.data.predict_segmentation` writes it to a pyramidal TIFF tile by tile.
 """
 
