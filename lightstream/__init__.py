@@ -14,6 +14,7 @@ from typing import Any
 from .core import (
     Box,
     Geometry,
+    ImageSizeError,
     ImageSource,
     LayerProfile,
     StaleForwardError,
@@ -33,7 +34,8 @@ _LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstre
          "ImageSegmenter": "lightstream.modules"}
 
 __all__ = [
-    "Box", "Geometry", "ImageClassifier", "ImageSegmenter", "ImageSource", "LayerProfile", "StaleForwardError", "StepEstimate", "StreamingCNN",
+    "Box", "Geometry", "ImageClassifier", "ImageSegmenter", "ImageSizeError", "ImageSource", "LayerProfile",
+    "StaleForwardError", "StepEstimate", "StreamingCNN",
     "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError", "TimeModel",
     "UnsupportedLayerError", "__version__",
 ]

@@ -2,7 +2,7 @@
 
 from .engine import StreamingCNN
 from .estimate import StepEstimate, TimeModel
-from .errors import StreamingError, TileTooSmallError, UnsupportedLayerError
+from .errors import ImageSizeError, StreamingError, TileTooSmallError, UnsupportedLayerError
 from .geometry import Box, Geometry, LayerProfile, Tile, TilePlan
 from .graph import TrunkGraph
 from .planner import Planner, PlanRequest, StreamPlan
@@ -12,7 +12,7 @@ from .stages import Stage, StagePlan
 from .window import Window
 
 __all__ = [
-    "Box", "Geometry", "ImageSource", "LayerProfile", "PlanRequest", "Planner", "Stage", "StagePlan",
+    "Box", "Geometry", "ImageSizeError", "ImageSource", "LayerProfile", "PlanRequest", "Planner", "Stage", "StagePlan",
     "StaleForwardError", "StepEstimate", "StreamPlan", "StreamingCNN", "StreamingError", "TensorSource", "Tile", "TilePlan", "TileTooSmallError", "TimeModel", "TrunkGraph", "UnsupportedLayerError",
     "Window", "as_source",
 ]

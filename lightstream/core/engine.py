@@ -55,11 +55,15 @@ class StreamingCNN(nn.Module):
         stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``
             stages; ``"auto"`` (default): 1 GiB, or a sixteenth of the GPU's memory when the
             trunk is on a larger GPU (:func:`~lightstream.core.stages.default_stage_memory`).
+            What the maps leave over buys fewer dispatched operations: the deepest stages whose
+            graphs fit it run as one tile without recompute, the others with larger tiles or
+            batches (see :mod:`lightstream.core.planner`).
         tile_batch: how many tiles that run the same operations (interior tiles of equal shape)
             may run at once, stacked on the batch axis: far fewer, larger kernels, exactly the same
-            values (see :mod:`lightstream.core.batching`). ``1`` (default): one tile at a time
-            (memory of one tile); ``"auto"``: as many as the ``stage_memory`` the kept stage maps
-            leave over holds (fewer dispatched operations; more memory).
+            values (see :mod:`lightstream.core.batching`). ``"auto"`` (default): as many as the
+            tile budget plus the ``stage_memory`` the kept stage maps leave over holds (with
+            stages; with ``stages=None``, one tile plus ``stage_memory``); ``1``: one tile at a time
+            (memory of one tile); an int caps it.
         saliency: also compute the gradient with respect to the image in :meth:`backward`
             (stored in :attr:`saliency_map`).
         mean, std: optional per-channel normalisation applied to each tile on the device, so an
@@ -90,7 +94,7 @@ class StreamingCNN(nn.Module):
         tile_size: int | tuple[int, int] | None = None,
         stages: str | Sequence[int] | None = "auto",
         stage_memory: int | str = "auto",
-        tile_batch: int | str = 1,
+        tile_batch: int | str = "auto",
         saliency: bool = False,
         mean: Sequence[float] | torch.Tensor | None = None,
         std: Sequence[float] | torch.Tensor | None = None,

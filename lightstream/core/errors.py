@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["StreamingError", "UnsupportedLayerError", "TileTooSmallError"]
+__all__ = ["StreamingError", "UnsupportedLayerError", "TileTooSmallError", "ImageSizeError"]
 
 
 class StreamingError(Exception):
@@ -38,4 +38,34 @@ class TileTooSmallError(StreamingError, ValueError):
             f"tile of {tile_size[0]}x{tile_size[1]} px is too small for this trunk: one output pixel "
             f"needs {minimum[0]}x{minimum[1]} input px (its receptive field); the smallest tile that "
             f"works is {max(minimum)} px"
+        )
+
+
+class ImageSizeError(StreamingError, ValueError):
+    """The whole network cannot run on an image of this size: a merge meets maps of different sizes.
+
+    A U-Net concatenates each upsampled map with the encoder's map of its level; on an image
+    whose sides the downsampling does not divide evenly the two differ by a pixel, and the whole
+    network fails. Tiles crop merged maps to their common region, so they would run and silently
+    give a smaller output misaligned with the image: the size is refused instead.
+
+    Attributes:
+        path: the merging layer.
+        image_size: the image's ``(height, width)``.
+        operands: the merged maps' ``(path, (height, width))`` at that image size.
+        suggestion: the nearest larger ``(height, width)`` on which every merge meets equal maps.
+    """
+
+    def __init__(self, path: str, image_size: tuple[int, int], operands: list[tuple[str, tuple[int, int]]],
+                 suggestion: tuple[int, int]) -> None:
+        self.path = path
+        self.image_size = image_size
+        self.operands = operands
+        self.suggestion = suggestion
+        maps = " and ".join(f"{h}x{w} ('{name}')" for name, (h, w) in operands)
+        super().__init__(
+            f"the network cannot run on a {image_size[0]}x{image_size[1]} image: '{path}' merges maps of {maps}, "
+            "so the whole network fails here and streamed tiles would give a smaller output misaligned with "
+            f"the image; pad or crop the image to a size the downsampling divides evenly, e.g. "
+            f"{suggestion[0]}x{suggestion[1]}"
         )

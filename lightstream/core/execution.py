@@ -173,6 +173,8 @@ class Executor:
         grads = torch.autograd.grad(y, inputs, grad.to(device=y.device, dtype=y.dtype), allow_unused=True)
         if not want_input_grad:
             return list(grads), None
+        if isinstance(source, TensorSource) and grads[-1].shape == source.image.shape:  # the tile is the map
+            return list(grads[:-1]), grads[-1].to(source.image.device)
         input_grad = _zeros_like_source(source, graph.leaf.dtype)
         input_grad[:, :, graph.tile.input.rows, graph.tile.input.cols] = grads[-1]  # the tile may not read every pixel
         return list(grads[:-1]), input_grad

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
 
-from .errors import TileTooSmallError
+from .errors import ImageSizeError, TileTooSmallError
 from .graph import Span, TrunkGraph
 
 __all__ = ["Box", "Tile", "TilePlan", "LayerProfile", "Geometry", "Stride", "as_pair"]
@@ -203,6 +203,7 @@ class Geometry:
         image_size = as_pair(image_size)
         tile = as_pair(tile_size)
         sizes = self.graph.sizes(*image_size)
+        self._check_merges(image_size, sizes)
         out = sizes[self.graph.output]
         if out[0] <= 0 or out[1] <= 0:
             raise ValueError(f"an image of {image_size[0]}x{image_size[1]} px is too small for this "
@@ -214,6 +215,19 @@ class Geometry:
                 raise TileTooSmallError(tile, self.min_tile_size(image_size))
             spans.append(axis_spans)
         return TilePlan(image_size, tile, out, self.output_stride, spans[0], spans[1], sizes)
+
+    def _check_merges(self, image_size: tuple[int, int], sizes: list[tuple[int, int]]) -> None:
+        """Refuse an image size on which a merge meets maps of different sizes (see :class:`ImageSizeError`)."""
+        step = self.graph.unequal_merge(sizes)
+        if step is None:
+            return
+        suggestion = list(image_size)
+        for axis in range(2):  # the sizes along one axis depend on that axis alone
+            limit = 2 * image_size[axis]
+            while suggestion[axis] < limit and self.graph.unequal_merge(self.graph.sizes(*suggestion), axis):
+                suggestion[axis] += 1
+        operands = [(self.graph.steps[i].path, sizes[i]) for i in step.inputs]
+        raise ImageSizeError(step.path, image_size, operands, (suggestion[0], suggestion[1]))
 
     def _axis_plan(self, axis: int, length: int, tile: int, sizes: list[tuple[int, int]]
                    ) -> tuple[tuple[Span, Span], ...] | None:

@@ -248,6 +248,15 @@ class TrunkGraph:
                 out.append((height, width))
         return out
 
+    def unequal_merge(self, sizes: Sequence[tuple[int, int]], axis: int | None = None) -> Step | None:
+        """The first step that merges maps of different sizes (along ``axis``, or either), if any."""
+        axes = (0, 1) if axis is None else (axis,)
+        for step in self.steps:
+            if step.spatial and step.window is None and len(step.inputs) > 1:
+                if any(len({sizes[i][a] for i in step.inputs}) > 1 for a in axes):
+                    return step
+        return None
+
     def exact_spans(self, span: Span, axis: int, sizes: Sequence[tuple[int, int]]) -> list[Span]:
         """Per step, the exact interval computed along ``axis`` from input interval ``span``."""
         out: list[Span] = []

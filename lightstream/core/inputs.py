@@ -22,6 +22,8 @@ class Autocast:
     @classmethod
     def current(cls, device: torch.device) -> Autocast:
         kind = device.type
+        if not torch.amp.is_autocast_available(kind):  # "meta" (shape-only runs): nothing to replay
+            return cls("cpu", False, torch.get_autocast_dtype("cpu"))
         return cls(kind, torch.is_autocast_enabled(kind), torch.get_autocast_dtype(kind))
 
     def __call__(self) -> torch.autocast:

@@ -4,8 +4,11 @@ The pipeline is *trunk → trace → plan → execute*. A :class:`Planner` holds
 (its :class:`~lightstream.core.graph.TrunkGraph` and :class:`~lightstream.core.geometry.Geometry`)
 and turns a :class:`PlanRequest` — image shape, tile size, stage policy, stage memory — into a
 :class:`StreamPlan`: the stages, each with its tile size, tile plan and how many of its tiles may
-run as one batch (``tile_batch``: with ``"auto"``, as many as the ``stage_memory`` the kept
-stage maps leave over holds, one tile's backward peak each). The cost model (values
+run as one batch. The ``stage_memory`` the kept stage maps leave over is spent on fewer runs of the
+trunk's steps (on a GPU, each op of a run is a kernel launch): the deepest stages whose whole maps
+fit run as one tile and keep their graph for the backward (no recompute), the other later stages
+get larger tiles, and tiles of equal shape run as one batch (``tile_batch="auto"``), so that one
+run never holds more than one tile of the user's size plus that spare memory. The cost model (values
 and multiply-adds per pixel of every step, by default measured by a shape-only probe,
 :func:`~lightstream.core.stages.stage_costs`) is an argument of the planner, because it decides
 which stage maps are kept and how large later stages' tiles are. The engine only executes plans.
@@ -132,35 +135,77 @@ class Planner:
         if request.stages is None:
             stage = self.stages(())[0]
             plan = stage.geometry.plan(request.image_size, request.tile_size)
-            limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, request.stage_memory)
+            limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, None)
             return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit),))
         cuts = self._auto_cuts(request) if request.stages == "auto" else request.stages
         stages = self.stages(tuple(cuts))  # type: ignore[arg-type]
         costs = self.costs(stages, request.channels)
         whole = self.stages(())[0]
+        per_value = request.batch * request.itemsize
         budget = tile_values(whole, self.costs([whole], request.channels)[0], request.tile_size)
-        spare = request.stage_memory - sum(self._map_bytes(stages, costs, request))
-        plans: list[StagePlan] = []
-        map_size = request.image_size
-        for index, (stage, stage_cost) in enumerate(zip(stages, costs)):
-            # The first stage tiles the image with the user's tile; later stages get the largest
-            # tile that needs no more memory than one unstaged tile of the user's size.
-            tile = request.tile_size if index == 0 else stage_tile_size(stage, stage_cost, budget, map_size)
-            plan = stage.geometry.plan(map_size, tile)
-            plans.append(StagePlan(stage, tile, plan, partial(self._tile_batch, request, stages, index, tile, spare)))
-            map_size = plan.output_size
+        spare = max(0.0, request.stage_memory - sum(self._map_bytes(stages, costs, request))) / per_value
+        sizes = [request.image_size]
+        for stage in stages[:-1]:
+            sizes.append(stage.geometry.output_size(sizes[-1]))
+        # The deepest stages whose whole maps fit the tile budget plus the spare stage memory may
+        # run as one tile each and keep their graphs from the forward (no recompute). A kept graph
+        # lives while every later stage runs, so the kept graphs share the spare; the stages before
+        # them never run beside a kept graph and get the rest as larger tiles. Of the choices, the
+        # one with the fewest runs of a step (the fewest dispatched operations) wins.
+        choices, kept = [], 0.0
+        for first_kept in range(len(stages), 0, -1):
+            if first_kept < len(stages):
+                kept += tile_values(stages[first_kept], costs[first_kept], sizes[first_kept])
+                if kept > budget + spare:
+                    break
+            plans = self._stage_plans(request, stages, costs, sizes, first_kept, budget + spare,
+                                      max(budget, budget + spare - kept))
+            if plans is not None:
+                choices.append(plans)
+        if not choices:  # a stage's smallest tile exceeds it: every stage as its tile budget says
+            choices.append(self._stage_plans(request, stages, costs, sizes, len(stages), budget, budget, False))
+        plans = min(choices, key=_step_runs)  # type: ignore[arg-type]
         logger.debug("stages %s with tiles %s", [p.stage.name for p in plans], [p.tile_size for p in plans])
         return StreamPlan(request, tuple(plans))
 
+    def _stage_plans(self, request: PlanRequest, stages: list[Stage], costs: list[list[LayerCost]],
+                     sizes: list[tuple[int, int]], first_kept: int, limit: float, room: float,
+                     check: bool = True) -> list[StagePlan] | None:
+        """Plans of ``stages``: the first tiles the image with the user's tile, those from
+        ``first_kept`` on are one tile of their whole map, the others get the largest tile that
+        fits ``room`` values. ``None`` when a stage's tile and the graphs kept before it exceed
+        ``limit`` values (and ``check``)."""
+        per_value = request.batch * request.itemsize
+        plans: list[StagePlan] = []
+        held = 0.0  # values of the graphs kept by the stages so far
+        for index, (stage, stage_cost) in enumerate(zip(stages, costs)):
+            if index == 0:
+                tile = request.tile_size
+            elif index >= first_kept:
+                tile = (max(sizes[index][0], 1), max(sizes[index][1], 1))
+            else:
+                tile = stage_tile_size(stage, stage_cost, room, sizes[index])
+            plan = stage.geometry.plan(sizes[index], tile)
+            values = tile_values(stage, stage_cost, tile)
+            if check and index > 0 and held + values > limit:
+                return None
+            limit_batch = partial(self._tile_batch, request, stages, index, tile, max(values, limit - held) * per_value)
+            plans.append(StagePlan(stage, tile, plan, limit_batch))
+            held += values if len(plan) == 1 else 0.0
+        return plans
+
     def _tile_batch(self, request: PlanRequest, stages: list[Stage], index: int, tile: tuple[int, int],
-                    spare: int) -> int:
-        """Tiles one run of ``stages[index]`` may hold: ``tile_batch``, or with ``"auto"`` one tile
-        plus as many more as the ``stage_memory`` the kept stage maps leave over (``spare``) holds."""
+                    room: float | None) -> int:
+        """Tiles one run of ``stages[index]`` may hold: ``tile_batch``, or with ``"auto"`` as many as
+        ``room`` bytes hold (at least one), one tile's backward peak each; ``room=None``: one tile
+        plus ``stage_memory`` (a trunk streamed in one piece keeps no maps)."""
         if request.tile_batch != "auto":
             return int(request.tile_batch)
         costs = self.costs(stages, request.channels)[index]
         tile_bytes = request.batch * request.itemsize * tile_values(stages[index], costs, tile)
-        return 1 + int(max(0, spare) // max(1.0, tile_bytes))
+        if room is None:
+            room = tile_bytes + request.stage_memory
+        return max(1, int(room // max(1.0, tile_bytes)))
 
     @staticmethod
     def _map_bytes(stages: Sequence[Stage], costs: list[list[LayerCost]], request: PlanRequest) -> list[int]:
@@ -200,6 +245,12 @@ class Planner:
                            "tile %s is smaller than the first stage's receptive field", chosen[0], tile)
             field = self.stages(tuple(chosen))[0].geometry.receptive_field
         return chosen
+
+
+def _step_runs(plans: list[StagePlan]) -> int:
+    """How many times the plans run a step: a stage of several tiles runs each tile twice
+    (forward, and again for the backward), a stage of one tile keeps its graph and runs once."""
+    return sum(len(p.stage.graph.steps) * (1 if len(p.plan) == 1 else 2 * len(p.plan)) for p in plans)
 
 
 def _frozen(value: Any) -> Any:

@@ -10,7 +10,8 @@ sixteenth of a GPU's memory when that is more: :func:`default_stage_memory`); ``
 names the cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
 
 Each stage gets its own tile, sized so that one tile of any stage needs about as much memory
-as one tile of the first stage at the user's tile size: memory stays set by the tile.
+as one tile of the first stage at the user's tile size, plus what the kept maps leave of
+``stage_memory`` (:mod:`lightstream.core.planner`): memory stays set by the tile and ``stage_memory``.
 """
 
 from __future__ import annotations

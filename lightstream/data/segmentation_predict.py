@@ -21,7 +21,6 @@ from lightstream.core import ImageSource, StreamingCNN
 from lightstream.data.overlay import write_overlay_png
 from lightstream.data.segmentation_writer import SegmentationWriter
 from lightstream.data.slide import Slide
-from lightstream.modules.segmenter import check_image_size
 
 __all__ = ["predict_segmentation"]
 
@@ -61,9 +60,9 @@ def predict_segmentation(
 
     Raises:
         TypeError: ``model`` holds no streaming engine, or ``overlay`` is asked for without a Slide.
-        ValueError: ``slide`` holds more than one image, the whole network cannot run on its size
-            (see :func:`~lightstream.modules.segmenter.check_image_size`), or the output has more
-            than 256 classes.
+        ValueError: ``slide`` holds more than one image, or the output has more than 256 classes.
+        ImageSizeError: the whole network cannot run on the slide's size (a U-Net's merged maps
+            would differ by a pixel); pad or crop it to the size the message suggests.
     """
     engine = _engine(model)
     shape = tuple(slide.shape)
@@ -74,7 +73,6 @@ def predict_segmentation(
         raise TypeError(f"overlay= needs an opened Slide (its thumbnail is drawn), got {type(slide).__name__}")
     if overlay is not None and Path(overlay).exists() and not overwrite:
         raise FileExistsError(f"{overlay} exists; pass overwrite=True to replace it")
-    check_image_size(engine, shape)
     plan = engine.plan(shape)
     stride = engine.output_stride
     mpp = getattr(slide, "mpp", None)

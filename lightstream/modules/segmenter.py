@@ -19,25 +19,22 @@ and the prediction are all computed tile by tile and the whole output is never s
 from __future__ import annotations
 
 import dataclasses
-import logging
 import math
 import numbers
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch._subclasses.fake_tensor import FakeTensorMode
 from torchmetrics import MetricCollection
 from torchmetrics.classification import MulticlassF1Score, MulticlassJaccardIndex
 
-from ..core import ImageSource, StreamingCNN
+from ..core import ImageSource
 from ..core.dense import PixelTarget
-from ..core.graph import module_device, parameter_dtype
 from .classifier import MetricsArg
 from .streaming import StreamingModule
 
-__all__ = ["ImageSegmenter", "check_image_size", "segmentation_metrics"]
+__all__ = ["ImageSegmenter", "segmentation_metrics"]
 
 Tiles = Iterator[tuple[Tensor, tuple[int, int], tuple[int, int]]]
 
@@ -53,40 +50,6 @@ def segmentation_metrics(num_classes: int, ignore_index: int | None = None) -> M
         "dice": MulticlassF1Score(num_classes, average="macro", multidim_average="global", ignore_index=ignore_index),
         "iou": MulticlassJaccardIndex(num_classes, average="macro", ignore_index=ignore_index),
     })
-
-
-def check_image_size(engine: StreamingCNN, shape: Sequence[int]) -> None:
-    """Refuse an image size on which the whole network cannot run.
-
-    A U-Net concatenates each upsampled map with the encoder's map of the same level, so on an
-    image whose sides are not multiples of ``2 ** depth`` the whole network fails (the maps differ
-    by a pixel), while the tiles would still run and silently give a smaller output, misaligned
-    with the image. The whole network is run once on a shape-only (fake) tensor to tell.
-
-    Raises:
-        ValueError: the whole network fails on this size; the message says how to fix it.
-    """
-    trunk = engine.stream_module
-    batch, channels, height, width = (int(size) for size in shape)
-    fake_tensor_log = logging.getLogger("torch._subclasses.fake_tensor")  # logs the failure it raises, as an error
-    level = fake_tensor_log.level
-    modes = [(layer, layer.training) for layer in trunk.modules()]
-    try:
-        fake_tensor_log.setLevel(logging.CRITICAL)
-        trunk.eval()  # in training mode BatchNorm would count this pass in its real num_batches_tracked
-        with torch.no_grad(), FakeTensorMode(allow_non_fake_inputs=True):
-            trunk(torch.empty(batch, channels, height, width, dtype=parameter_dtype(trunk),
-                              device=module_device(trunk)))
-    except RuntimeError as err:
-        multiple = getattr(trunk, "size_multiple", None)
-        fix = (f"pad or crop images to multiples of {multiple} (e.g. SegmentationSlideDataset(stride={multiple}))"
-               if multiple else "pad or crop images to a size the network accepts")
-        raise ValueError(f"the whole {type(trunk).__name__} cannot run on a {height}x{width} image ({err}); streamed "
-                         f"tiles would give a smaller output misaligned with the image: {fix}") from err
-    finally:
-        fake_tensor_log.setLevel(level)
-        for layer, training in modes:
-            layer.training = training
 
 
 class ImageSegmenter(StreamingModule):
@@ -140,7 +103,6 @@ class ImageSegmenter(StreamingModule):
         self.train_metrics = collection.clone(prefix="train_")
         self.val_metrics = collection.clone(prefix="val_")
         self.test_metrics = collection.clone(prefix="test_")
-        self._runnable_shapes: set[tuple[int, ...]] = set()
 
     # ------------------------------------------------------------------ the per-pixel loss
     def pixel_loss(self, logits: Tensor, target: Tensor) -> Tensor:
@@ -167,7 +129,6 @@ class ImageSegmenter(StreamingModule):
     def forward(self, x: Tensor | ImageSource) -> Tensor:
         """Class map ``[B, h, w]`` of the images ``x`` (``uint8`` up to 256 classes): the argmax of
         each output tile, never the whole logit map."""
-        self._check_image_size(x.shape)
         classes: Tensor | None = None
         with torch.no_grad():
             for logits, (r0, r1), (c0, c1) in self._output_tiles(x):
@@ -274,13 +235,6 @@ class ImageSegmenter(StreamingModule):
         self.log(f"{stage}_loss", loss, prog_bar=True, batch_size=batch_size)
         self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size)
 
-    def _check_image_size(self, shape: Sequence[int]) -> None:
-        """:func:`check_image_size`, once per image shape (a shape-only pass of a large encoder takes a while)."""
-        key = tuple(int(size) for size in shape)
-        if key not in self._runnable_shapes:
-            check_image_size(self.stream_network, key)
-            self._runnable_shapes.add(key)
-
     def _image_and_target(self, batch: Any, stage: str) -> tuple[Tensor | ImageSource, Tensor | ImageSource]:
         """``(image, target)`` of a batch (the target is checked where it is read, against the output's size)."""
         if _is_sample(batch):
@@ -290,7 +244,6 @@ class ImageSegmenter(StreamingModule):
         else:
             raise ValueError(f"{stage} batches need a per-pixel target: (image, target) or a SegmentationSample, "
                              f"got {type(batch).__name__}")
-        self._check_image_size(image.shape)
         return image, target
 
     def transfer_batch_to_device(self, batch: Any, device: torch.device, dataloader_idx: int) -> Any:

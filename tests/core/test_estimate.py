@@ -70,7 +70,8 @@ def test_the_estimate_and_the_automatic_stages_work_for_a_trunk_off_the_cpu() ->
     assert [p.stage.name for p in on_meta.stage_plans(shape)] == [p.stage.name for p in on_cpu.stage_plans(shape)]
     cpu, meta = (engine.estimate(shape, time_model=TimeModel.for_device(torch.device("cpu")))
                  for engine in (on_cpu, on_meta))
-    assert meta.tiles == cpu.tiles == 46 and meta.relative_time == cpu.relative_time
+    tiles = sum(len(p.plan) for p in on_cpu.stage_plans(shape))
+    assert meta.tiles == cpu.tiles == tiles > 1 and meta.relative_time == cpu.relative_time
     assert abs(meta.peak_bytes / cpu.peak_bytes - 1) < 0.01
 
 
@@ -94,9 +95,10 @@ def test_fresh_memory_counts_each_output_past_the_threshold_once_per_pass() -> N
 
 def test_on_the_cpu_the_whole_images_fresh_memory_makes_1024_px_tiles_cheaper_than_their_multiply_adds() -> None:
     # ResNet-18 at 2048²: every activation of the whole image is past glibc's 32 MiB mmap
-    # threshold; a 1024-px tile's are not (measured: 0.93x the whole-image step, README)
+    # threshold; a 1024-px tile's are not (measured: 0.93x the whole-image step, README). The
+    # stage memory holds the kept maps (224 MiB) and no more: every stage runs tiles of its budget
     trunk = nn.Sequential(*list(models.resnet18().children())[:-2]).eval()
-    scnn = StreamingCNN(trunk, tile_size=1024)
+    scnn = StreamingCNN(trunk, tile_size=1024, stage_memory=224 << 20)
     on_cpu = scnn.estimate((1, 3, 2048, 2048))
     multiply_adds = scnn.estimate((1, 3, 2048, 2048), time_model=TimeModel())
     assert on_cpu.fresh_bytes < 0.2 * 2**30 < 4 * 2**30 < on_cpu.whole_image_fresh_bytes

@@ -196,3 +196,20 @@ def test_power_of_two_upsampling_is_bit_exact_in_float32_far_from_the_origin(mod
     out, rows, cols = graph.run(image[..., 35000:35100], (0, 4), (35000, 35100), sizes)
     assert cols[1] - cols[0] >= 380
     assert torch.equal(out, expected[..., rows[0]:rows[1], cols[0]:cols[1]])
+
+
+def test_an_image_size_the_unet_cannot_run_on_is_refused_naming_the_merge_and_a_size_that_works() -> None:
+    from lightstream import ImageSizeError
+
+    trunk = randomise_batch_norm(TinyUNet("bilinear"))  # two poolings: sides must be multiples of 4
+    with pytest.raises(RuntimeError):
+        trunk(torch.zeros(1, 3, 42, 44, dtype=torch.float64))  # the whole network fails on 42 rows
+    scnn = StreamingCNN(trunk, tile_size=32)
+    with pytest.raises(ImageSizeError) as error:
+        scnn.stream_loss(torch.zeros(1, 3, 42, 44, dtype=torch.float64), torch.zeros(1, 42, 44, dtype=torch.long),
+                         lambda o, t: F.cross_entropy(o, t, reduction="none"))
+    assert error.value.path == "cat" and error.value.suggestion == (44, 44)
+    assert "42x44 image" in str(error.value) and "e.g. 44x44" in str(error.value)
+    with pytest.raises(ImageSizeError):
+        scnn(torch.zeros(1, 3, 40, 46, dtype=torch.float64))
+    assert scnn.plan((1, 3, 44, 44)).output_size == (44, 44)

@@ -10,6 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
+from lightstream import ImageSizeError
 from lightstream.data import SegmentationWriter, open_slide, predict_segmentation, write_synthetic_slide
 from lightstream.models import UNet
 from lightstream.modules import ImageSegmenter
@@ -80,7 +81,7 @@ def test_misuse_is_refused_before_anything_runs(slide_path: Path, tmp_path: Path
     with pytest.raises(TypeError, match="needs an opened Slide"):
         predict_segmentation(model, torch.zeros(1, 3, 64, 64, dtype=torch.float64), tmp_path / "t.tif",
                              overlay=tmp_path / "t.png")
-    with pytest.raises(ValueError, match="cannot run on a 66x64 image"):
+    with pytest.raises(ImageSizeError, match="cannot run on a 66x64 image"):
         predict_segmentation(model, torch.zeros(1, 3, 66, 64, dtype=torch.float64), tmp_path / "odd.tif")
     with pytest.raises(TypeError, match="ImageSegmenter"):
         predict_segmentation(torch.nn.Conv2d(3, 2, 1), torch.zeros(1, 3, 64, 64), tmp_path / "c.tif")
