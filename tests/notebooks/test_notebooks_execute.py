@@ -23,10 +23,10 @@ import run_notebooks as runner  # scripts/run_notebooks.py, the runner CI uses
 NOTEBOOKS = runner.notebook_paths()
 
 
-def test_there_are_five_numbered_notebooks_with_a_parameters_cell_and_no_outputs() -> None:
+def test_there_are_six_numbered_notebooks_with_a_parameters_cell_and_no_outputs() -> None:
     import nbformat
 
-    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05"]
+    assert [p.stem[:2] for p in NOTEBOOKS] == ["01", "02", "03", "04", "05", "06"]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
         tagged = [c for c in nb.cells if runner.PARAMETERS_TAG in c.get("metadata", {}).get("tags", [])]
