@@ -217,17 +217,17 @@ def test_an_image_size_the_unet_cannot_run_on_is_refused_naming_the_merge_and_a_
 
 def test_the_minimum_tile_of_a_unet_holds_every_output_pixels_receptive_field() -> None:
     # A U-Net's full-resolution pixels need different spans depending on their position modulo
-    # the coarsest stride; the minimum tile must hold the widest, so every tile size from it plans.
+    # the coarsest stride (depth 3: 92 px in the middle, 100 px one pixel over); the minimum tile
+    # must hold the widest, so every tile size from it plans.
     from lightstream import TileTooSmallError
+    from lightstream.models import UNet
 
-    trunk = TinyUNet("bilinear").eval()
-    scnn = StreamingCNN(trunk, tile_size=64)
-    minimum = scnn.geometry.min_tile_size()
+    scnn = StreamingCNN(UNet(3, 2, depth=3, width=4), tile_size=128)
     graph, sizes = scnn.geometry.graph, scnn.geometry.graph.sizes(256, 256)
-    widest = max(graph.needed_span((o, o + 1), 0, sizes)[1] - graph.needed_span((o, o + 1), 0, sizes)[0]
-                 for o in range(100, 140))
-    assert minimum[0] == widest
-    for side in range(minimum[0], minimum[0] + 8):
+    fields = [graph.needed_span((o, o + 1), 0, sizes) for o in range(100, 140)]
+    assert {hi - lo for lo, hi in fields} == {92, 100}
+    assert scnn.geometry.min_tile_size() == (100, 100)
+    for side in range(100, 108):
         assert scnn.geometry.plan((256, 256), side).output_size == (256, 256)
     with pytest.raises(TileTooSmallError):
-        scnn.geometry.plan((256, 256), minimum[0] - 1)
+        scnn.geometry.plan((256, 256), 99)
