@@ -44,7 +44,8 @@ def worker(config: dict) -> dict:
     net = UNet(3, 2, depth=config["depth"], width=config["width"]).to(device)
     image = torch.randn(1, 3, size, size, device=device)
     mask = torch.randint(0, 2, (1, size, size), dtype=torch.uint8, device=device)
-    scnn = StreamingCNN(net, tile_size=config["tile"]) if config["mode"] == "streamed" else None
+    tile_batch = config["tile_batch"] if config["tile_batch"] == "auto" else int(config["tile_batch"])
+    scnn = StreamingCNN(net, tile_size=config["tile"], tile_batch=tile_batch) if config["mode"] == "streamed" else None
 
     def step() -> torch.Tensor:
         net.zero_grad(set_to_none=True)
@@ -63,10 +64,15 @@ def worker(config: dict) -> dict:
             torch.cuda.synchronize()
         return time.perf_counter() - start
 
-    first = timed()
-    reset_peak(device)
-    baseline = peak_memory(device)
-    seconds = [timed() for _ in range(config["reps"])] or [first]
+    if not config["reps"]:  # one step only: its peak over what the process held before it
+        reset_peak(device)
+        baseline = peak_memory(device)
+        seconds = [timed()]
+    else:
+        timed()  # untimed: caches, first allocations
+        reset_peak(device)
+        baseline = peak_memory(device)
+        seconds = [timed() for _ in range(config["reps"])]
     peak = peak_memory(device)
     tiles = len(scnn.plan(image.shape).tiles) if scnn is not None else 1
     return {**config, "seconds": statistics.median(seconds), "peak_gib": peak, "step_gib": peak - baseline,
@@ -75,7 +81,8 @@ def worker(config: dict) -> dict:
 
 def run_row(mode: str, size: int, args: argparse.Namespace) -> dict:
     config = {"mode": mode, "size": size, "tile": args.tile, "device": args.device, "depth": args.depth,
-              "width": args.width, "reps": args.reps if size <= args.max_timed_size else 0}
+              "width": args.width, "tile_batch": args.tile_batch,
+              "reps": args.reps if size <= args.max_timed_size else 0}
     result = subprocess.run([sys.executable, __file__, "--worker", json.dumps(config)], capture_output=True,
                             text=True, check=False)
     if result.returncode != 0:
@@ -92,6 +99,7 @@ def main() -> None:
     parser.add_argument("--depth", type=int, default=4)
     parser.add_argument("--width", type=int, default=8)
     parser.add_argument("--reps", type=int, default=2)
+    parser.add_argument("--tile-batch", default="auto", help="StreamingCNN(tile_batch=): 'auto' or an integer")
     parser.add_argument("--max-timed-size", type=int, default=4096,
                         help="larger rows report their single step's time (no repetitions)")
     parser.add_argument("--device", default="cpu")
@@ -102,8 +110,8 @@ def main() -> None:
         return
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     rows = [run_row(mode, int(size), args) for mode, size in (row.split(":") for row in args.rows)]
-    logger.info("UNet(depth=%d, width=%d), tile %d px, %s, float32 image, 8-bit mask", args.depth, args.width,
-                args.tile, torch.cuda.get_device_name() if args.device == "cuda" else "CPU")
+    logger.info("UNet(depth=%d, width=%d), tile %d px, tile_batch=%s, %s, float32 image, 8-bit mask", args.depth,
+                args.width, args.tile, args.tile_batch, torch.cuda.get_device_name() if args.device == "cuda" else "CPU")
     logger.info("%-9s %7s %6s %10s %10s %10s %8s", "mode", "size", "tiles", "step s", "peak GiB", "step GiB",
                 "ratio")
     whole = {r["size"]: r["seconds"] for r in rows if r["mode"] == "whole"}

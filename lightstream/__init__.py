@@ -1,7 +1,7 @@
 """lightstream: train CNNs end to end on images far larger than memory, by exact streaming.
 
 The core (``StreamingCNN`` and its geometry) is pure PyTorch. ``StreamingModule`` and
-``ImageClassifier`` (Lightning) are imported on first use, so ``import lightstream`` stays
+``ImageClassifier``/``ImageSegmenter`` (Lightning) are imported on first use, so ``import lightstream`` stays
 light; slides live in :mod:`lightstream.data`, backbones in :mod:`lightstream.models`,
 figures in :mod:`lightstream.viz` and notebook widgets in :mod:`lightstream.widgets`.
 """
@@ -30,10 +30,12 @@ from .core import (
 
 __version__ = "0.1.0"
 
-_LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules"}
+_LAZY = {"StreamingModule": "lightstream.modules", "ImageClassifier": "lightstream.modules",
+         "ImageSegmenter": "lightstream.modules"}
 
 __all__ = [
-    "Box", "Geometry", "ImageClassifier", "ImageSizeError", "ImageSource", "LayerProfile", "StaleForwardError", "StepEstimate", "StreamingCNN",
+    "Box", "Geometry", "ImageClassifier", "ImageSegmenter", "ImageSizeError", "ImageSource", "LayerProfile",
+    "StaleForwardError", "StepEstimate", "StreamingCNN",
     "StreamingError", "StreamingModule", "Tile", "TilePlan", "TileTooSmallError", "TimeModel",
     "UnsupportedLayerError", "__version__",
 ]

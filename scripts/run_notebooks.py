@@ -51,6 +51,8 @@ SMALL_PARAMETERS: dict[str, dict[str, Any]] = {
     "04_your_own_model": {"IMAGE_SIZE": 192, "TILE_SIZE": 128},
     "05_scaling_up": {"IMAGE_SIZE": 256, "TILE_SIZE": 128, "N_TRAIN": 8, "N_VAL": 4, "EPOCHS": 2,
                       "PROGRESS_BAR": False},
+    "06_segmentation": {"SLIDE_SIZE": 512, "N_TRAIN": 6, "N_VAL": 2, "TILE_SIZE": 160, "EPOCHS": 5,
+                        "PROGRESS_BAR": False},
 }
 """CI sizes per notebook (by file stem): small enough that all of them run in a few minutes on 2 cores."""
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from fractions import Fraction
@@ -157,10 +158,22 @@ class Geometry:
         """Cumulative stride (image px per step px) of every step; a ``Fraction`` where a step is
         finer than the image (after upsampling), an ``int`` elsewhere."""
         self.output_stride: tuple[Stride, Stride] = self.strides[graph.output]
-        middle = [sizes[graph.output][axis] // 2 for axis in range(2)]
-        fields = [graph.needed_span((middle[axis], middle[axis] + 1), axis, sizes) for axis in range(2)]
-        self.receptive_field: tuple[int, int] = (fields[0][1] - fields[0][0], fields[1][1] - fields[1][0])
-        """Image pixels that one interior output pixel depends on, per axis."""
+        self.receptive_field: tuple[int, int] = (self._widest_field(0, sizes), self._widest_field(1, sizes))
+        """Image pixels that one interior output pixel depends on, per axis (the most over the
+        output pixels' positions relative to the coarsest stride: in a U-Net they differ)."""
+
+    def _widest_field(self, axis: int, sizes: list[tuple[int, int]]) -> int:
+        """The widest input span one interior output pixel needs along ``axis``.
+
+        Output pixels repeat their dependence pattern with the period of the strides inside the
+        trunk: a classification trunk's output pixels all need the same span, while a U-Net's
+        at full resolution alternate with the position modulo its coarsest stride.
+        """
+        period = math.lcm(*(int(part) for pair in self.strides for stride in pair
+                            for part in Fraction(stride).as_integer_ratio()))
+        middle = sizes[self.graph.output][axis] // 2
+        spans = (self.graph.needed_span((o, o + 1), axis, sizes) for o in range(middle, middle + period))
+        return max(hi - lo for lo, hi in spans)
 
     def _cumulative_strides(self) -> list[tuple[Stride, Stride]]:
         strides: list[tuple[Stride, Stride]] = []

@@ -39,6 +39,7 @@ from lightstream.data.heatmap import heatmap_on_thumbnail, reduce_channels, slid
 from lightstream.data.masks import LabelMask, open_label_mask
 from lightstream.data.overlay import LABEL_COLORS, blend_labels, label_colors, labels_on_thumbnail, write_overlay_png
 from lightstream.data.segmentation_dataset import SegmentationSample, SegmentationSlideDataset
+from lightstream.data.segmentation_predict import predict_segmentation
 from lightstream.data.segmentation_writer import SegmentationWriter, label_pyramid_shapes, write_segmentation
 from lightstream.data.slide import MPP_TOLERANCE, Slide, open_slide
 from lightstream.data.synthetic import Lesion, SyntheticSlide, write_synthetic_dataset, write_synthetic_slide
@@ -54,6 +55,8 @@ from lightstream.data.views import (
 )
 
 __all__ = [
+    "LABEL_COLORS",
+    "MPP_TOLERANCE",
     "SPLITS",
     "Augmentation",
     "Box",
@@ -61,10 +64,8 @@ __all__ = [
     "ColorJitterView",
     "CropView",
     "FlipView",
-    "LABEL_COLORS",
     "LabelMask",
     "Lesion",
-    "MPP_TOLERANCE",
     "MaskMismatchError",
     "Rot90View",
     "SegmentationSample",
@@ -76,8 +77,8 @@ __all__ = [
     "SlideLevelError",
     "SlideNotFoundError",
     "SlideRecord",
-    "SlideTableError",
     "SlideSample",
+    "SlideTableError",
     "SyntheticSlide",
     "TissueMask",
     "UnsupportedSlideError",
@@ -97,6 +98,7 @@ __all__ = [
     "orient",
     "otsu_threshold",
     "pad_to_multiple",
+    "predict_segmentation",
     "read_mask",
     "read_slide_table",
     "reduce_channels",

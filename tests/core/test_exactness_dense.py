@@ -213,3 +213,21 @@ def test_an_image_size_the_unet_cannot_run_on_is_refused_naming_the_merge_and_a_
     with pytest.raises(ImageSizeError):
         scnn(torch.zeros(1, 3, 40, 46, dtype=torch.float64))
     assert scnn.plan((1, 3, 44, 44)).output_size == (44, 44)
+
+
+def test_the_minimum_tile_of_a_unet_holds_every_output_pixels_receptive_field() -> None:
+    # A U-Net's full-resolution pixels need different spans depending on their position modulo
+    # the coarsest stride (depth 3: 92 px in the middle, 100 px one pixel over); the minimum tile
+    # must hold the widest, so every tile size from it plans.
+    from lightstream import TileTooSmallError
+    from lightstream.models import UNet
+
+    scnn = StreamingCNN(UNet(3, 2, depth=3, width=4), tile_size=128)
+    graph, sizes = scnn.geometry.graph, scnn.geometry.graph.sizes(256, 256)
+    fields = [graph.needed_span((o, o + 1), 0, sizes) for o in range(100, 140)]
+    assert {hi - lo for lo, hi in fields} == {92, 100}
+    assert scnn.geometry.min_tile_size() == (100, 100)
+    for side in range(100, 108):
+        assert scnn.geometry.plan((256, 256), side).output_size == (256, 256)
+    with pytest.raises(TileTooSmallError):
+        scnn.geometry.plan((256, 256), 99)

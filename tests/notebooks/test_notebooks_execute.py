@@ -27,7 +27,7 @@ NOTEBOOKS = runner.notebook_paths()
 def test_notebooks_are_numbered_01_to_n_with_a_parameters_cell_and_no_outputs() -> None:
     import nbformat
 
-    assert len(NOTEBOOKS) >= 5
+    assert len(NOTEBOOKS) >= 6
     assert [p.stem[:2] for p in NOTEBOOKS] == [f"{n:02d}" for n in range(1, len(NOTEBOOKS) + 1)]
     for path in NOTEBOOKS:
         nb = nbformat.read(path, as_version=4)
