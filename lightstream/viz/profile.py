@@ -93,7 +93,7 @@ def plot_receptive_profile(
             (unstaged) and the no-loss sentence names it.
         mark_limiting: mark the layer found by :func:`limiting_layer` (in each stage: a stage
             is tiled on its own, so each has its own tile stride).
-        legend: draw the key (below a new figure, beside a given ``ax``); a host that keys the
+        legend: draw the key (below a new figure, inside a given ``ax``); a host that keys the
             marks itself (a compact widget) can leave it out.
     """
     stages = _as_stages(profile)
@@ -162,8 +162,9 @@ def plot_receptive_profile(
             figure.legend(handles=handles, loc="outside lower center", ncols=2)
         figure.suptitle(_title(stages, tile_size))
     else:
-        if legend:   # beside the plot: it covers no curve
-            lost_ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.18 if twin else 1.02, 1))
+        if legend:   # inside: the host sized the Axes (the curves rise to the right, the key sits left)
+            # on a twin, the key goes on the twin: it is drawn above the lost-border Axes
+            (field_ax if twin else lost_ax).legend(handles=handles, loc="upper left", framealpha=0.8)
         lost_ax.set_title(_title(stages, tile_size).replace("; ", "\n"), pad=18)   # an Axes is narrower
     logger.debug("drew the profile of %d layers in %d stage(s)", len(layers), len(stages))
     return figure

@@ -130,7 +130,7 @@ def plot_tile_grid(
         max_size: longest side of the displayed image.
         zoom: draw the zoomed view of the highlighted tile: a side panel on a new figure, an
             inset on a given ``ax``. Default: on a new figure only (and only with several tiles).
-        legend: draw the key (below a new figure, beside a given ``ax``); a host that keys the
+        legend: draw the key (below a new figure, inside a given ``ax``); a host that keys the
             marks itself (a compact widget) can leave it out.
     """
     if highlight is not None and not all(0 <= i < n for i, n in zip(highlight, plan.grid)):
@@ -180,7 +180,7 @@ def plot_tile_grid(
     if legend and zoom_ax is not None and zoom_ax.get_subplotspec() is not None:
         figure.legend(handles=handles, loc="outside lower center", ncols=2)
     elif legend:
-        ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.02, 1))   # beside: covers no tile
+        ax.legend(handles=handles, loc="upper right", framealpha=0.8)   # inside: the host sized the Axes
     logger.debug("drew %d tiles over a %dx%d image", len(tiles), height, width)
     return figure
 

@@ -92,10 +92,10 @@ def test_profile_on_one_given_axes_keys_the_twin_axis(engine: StreamingCNN) -> N
     assert plot_receptive_profile(engine.geometry.profile(64), ax=ax) is figure
     twin = [a for a in figure.axes if a is not ax]
     assert len(twin) == 1 and twin[0].get_ylabel().startswith("receptive field")
-    assert "receptive field (right axis)" in [t.get_text() for t in ax.get_legend().get_texts()]
+    assert "receptive field (right axis)" in [t.get_text() for t in twin[0].get_legend().get_texts()]
     quiet = Figure()
     plot_receptive_profile(engine.geometry.profile(64), ax=quiet.add_subplot(), legend=False)
-    assert quiet.axes[0].get_legend() is None and not quiet.legends
+    assert all(a.get_legend() is None for a in quiet.axes) and not quiet.legends
 
 
 def test_profile_plot_draws_stage_cuts(engine: StreamingCNN) -> None:
