@@ -6,6 +6,7 @@ import base64
 import html
 import io
 import logging
+import textwrap
 import threading
 import time
 import weakref
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import ipywidgets as widgets
+from matplotlib.axes import Axes
 from matplotlib.figure import Figure
 from torch import nn
 
@@ -67,7 +69,7 @@ class TileTuner:
         *,
         tile_size: int | None = None,
         figsize: tuple[float, float] = (4.6, 4.6),
-        profile_width: float = 7.0,
+        profile_width: float = 6.0,
         dpi: int = 72,
         link: bool = True,
     ) -> None:
@@ -75,7 +77,7 @@ class TileTuner:
                                     thumbnail_size=2 * round(max(figsize) * dpi))
         self.link = link and self.model.target is not None
         self.grid_figure = Figure(figsize=figsize, layout="constrained")
-        self.profile_figure = Figure(figsize=(profile_width, figsize[1]), layout="constrained")
+        self.profile_figure = Figure(figsize=(profile_width, 1.45 * figsize[1]), layout="constrained")
         self.dpi = dpi
         self._drawn_profiles: list | None = None
         self.last_redraw_seconds = 0.0
@@ -110,12 +112,12 @@ class TileTuner:
         controls = widgets.VBox(
             [self.slider, widgets.HBox([self.measure_button, self.cancel_button]), self.progress, self.warning,
              self.stats, self.measurement],
-            layout=widgets.Layout(width="430px", flex="0 0 auto"))
+            layout=widgets.Layout(width="340px", flex="0 0 auto"))
         controls.add_class("lightstream-tuner-controls")
         plots = widgets.Tab([self.grid_image, self.profile_image], titles=("tile grid", "layer profile"),
                             layout=widgets.Layout(width=f"{round(profile_width * dpi) + 24}px", flex="0 1 auto"))
         plots.add_class("lightstream-tuner-plots")
-        self.widget = widgets.HBox([controls, plots], layout=widgets.Layout(flex_flow="row wrap",
+        self.widget = widgets.HBox([controls, plots], layout=widgets.Layout(flex_flow="row nowrap",
                                                                              align_items="flex-start"))
         self.widget.add_class("lightstream-tuner")
         self.slider.observe(self._on_slide, names="value")
@@ -175,7 +177,7 @@ class TileTuner:
         self.grid_figure.clear()
         grid_ax = self.grid_figure.add_subplot()
         if model.plan is not None:
-            plot_tile_grid(model.plan, model.thumbnail, ax=grid_ax)
+            plot_tile_grid(model.plan, model.thumbnail, ax=grid_ax, legend=False)  # the stats say what it shows
         else:
             grid_ax.set_axis_off()
             grid_ax.text(0.5, 0.5, f"no tiling at {model.tile_size} px:\ntile smaller than\n"
@@ -184,7 +186,9 @@ class TileTuner:
         self.grid_image.value = self._png(self.grid_figure)
         if model.profiles != self._drawn_profiles:
             self.profile_figure.clear()
-            plot_receptive_profile(model.profiles, ax=self.profile_figure.add_subplot())
+            axes = self.profile_figure.subplots(2, 1, sharex=True, height_ratios=(3, 2))
+            plot_receptive_profile(model.profiles, ax=(axes[0], axes[1]))
+            _key_below(self.profile_figure, axes[0])
             self.profile_image.value = self._png(self.profile_figure)
             self._drawn_profiles = model.profiles
         self.warning.value = _red(f"⚠ {model.warning}", bold=True) if model.warning else ""
@@ -309,6 +313,17 @@ def _sync_after_each_cell(tuner: TileTuner) -> None:
             alive.sync()
 
     shell.events.register("post_run_cell", sync)
+
+
+def _key_below(figure: Figure, ax: Axes) -> None:
+    """Move ``ax``'s key under the figure, where it covers no curve in a narrow widget, and wrap
+    its title to the widget's width."""
+    ax.set_title("\n".join(textwrap.fill(line, 52) for line in ax.get_title().split("\n")), pad=18)
+    key = ax.get_legend()
+    if key is not None:
+        handles, labels = key.legend_handles, [text.get_text() for text in key.get_texts()]
+        key.remove()
+        figure.legend(handles, labels, loc="outside lower center", ncols=2)
 
 
 def _red(text: str, bold: bool = False) -> str:
