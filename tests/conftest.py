@@ -74,3 +74,12 @@ def single_torch_thread():
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+def randomise_batch_norm(module: nn.Module) -> nn.Module:
+    """Eval mode in float64, with BatchNorm statistics far from the identity (so a wrong crop shows)."""
+    for layer in module.modules():
+        if isinstance(layer, nn.BatchNorm2d):
+            layer.running_mean.uniform_(-0.5, 0.5)
+            layer.running_var.uniform_(0.5, 2)
+    return module.double().eval()

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from .execution import Executor, _accumulate, _per_tile, _stack, _zeros_like_source
+from .execution import Executor, _per_tile, _stack, backpropagate
 from .inputs import Autocast
 from .source import ImageSource, TensorSource
 from .stages import StagePlan
@@ -153,14 +153,8 @@ class DenseStreamer:
                 for part, part_target in zip(_per_tile(y.detach(), len(batch)), _per_tile(wanted, len(batch))):
                     on_tile(part, part_target)
             if backward:
-                inputs = params + ([leaf] if want_image_grad else [])
-                tile_grads = torch.autograd.grad(tile_sum, inputs, allow_unused=True)
-                _accumulate(grads, tile_grads[:len(params)])
-                if want_image_grad:
-                    if image_grad is None:
-                        image_grad = _zeros_like_source(source, leaf.dtype)
-                    for tile, part in zip(batch.tiles, _per_tile(tile_grads[-1].to(image_grad.device), len(batch))):
-                        image_grad[:, :, tile.input.rows, tile.input.cols] += part
+                image_grad = backpropagate(tile_sum, None, params, leaf if want_image_grad else None, batch, source,
+                                           grads, image_grad)
             loss_dtype = tile_sum.dtype
             total = tile_sum.detach().double() + (0 if total is None else total)
             counted = count + (0 if counted is None else counted)

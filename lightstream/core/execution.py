@@ -38,7 +38,7 @@ from .planner import StreamPlan
 from .source import ImageSource, TensorSource
 from .stages import StagePlan
 
-__all__ = ["Executor", "Kept", "TileGraph"]
+__all__ = ["Executor", "Kept", "TileGraph", "backpropagate"]
 
 logger = logging.getLogger(__name__)
 
@@ -190,15 +190,27 @@ class Executor:
                 y = self._run_batch(stage_plan, batch, x)
             g = _stack([grad[:, :, t.output.rows, t.output.cols] for t in batch.tiles]).to(device=y.device,
                                                                                           dtype=y.dtype)
-            inputs = params + ([leaf] if want_input_grad else [])
-            batch_grads = torch.autograd.grad(y, inputs, g, allow_unused=True)
-            _accumulate(totals, batch_grads[:len(params)])
-            if want_input_grad:
-                if input_grad is None:
-                    input_grad = _zeros_like_source(source, leaf.dtype)
-                for tile, part in zip(batch.tiles, _per_tile(batch_grads[-1].to(input_grad.device), len(batch))):
-                    input_grad[:, :, tile.input.rows, tile.input.cols] += part
+            input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
+                                       input_grad)
         return totals, input_grad
+
+
+def backpropagate(output: torch.Tensor, grad_output: torch.Tensor | None, params: list[torch.Tensor],
+                  leaf: torch.Tensor | None, batch: TileBatch, source: ImageSource, totals: Gradients,
+                  input_grad: torch.Tensor | None) -> torch.Tensor | None:
+    """One ``autograd.grad`` through a tile batch's graph: the parameter gradients are added into
+    ``totals``; with a ``leaf``, each tile's input gradient is added into ``input_grad`` (a zero
+    gradient of the whole source, made on first use), which is returned."""
+    inputs = params + ([leaf] if leaf is not None else [])
+    grads = torch.autograd.grad(output, inputs, grad_output, allow_unused=True)
+    _accumulate(totals, grads[:len(params)])
+    if leaf is None:
+        return input_grad
+    if input_grad is None:
+        input_grad = _zeros_like_source(source, leaf.dtype)
+    for tile, part in zip(batch.tiles, _per_tile(grads[-1].to(input_grad.device), len(batch))):
+        input_grad[:, :, tile.input.rows, tile.input.cols] += part
+    return input_grad
 
 
 def _accumulate(totals: Gradients, grads: Sequence[torch.Tensor | None]) -> None:

@@ -7,6 +7,8 @@ import torch.nn.functional as F
 from torch import nn
 from torchvision.models import resnet18
 
+from tests.conftest import randomise_batch_norm
+
 __all__ = ["ResNet18UNet", "TinyFPN", "TinyUNet", "randomise_batch_norm"]
 
 
@@ -86,11 +88,3 @@ class ResNet18UNet(nn.Module):
         for up, dec in zip(self.ups, self.decs):
             y = dec(torch.cat([up(y), skips.pop()], dim=1))
         return self.final(y)
-
-
-def randomise_batch_norm(module: nn.Module) -> nn.Module:
-    for bn in module.modules():
-        if isinstance(bn, nn.BatchNorm2d):
-            bn.running_mean.uniform_(-0.5, 0.5)
-            bn.running_var.uniform_(0.5, 2)
-    return module.double().eval()

@@ -4,20 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import nn
 from torchvision.models import ResNet18_Weights, WeightsEnum, resnet18
 
 from lightstream.models import UNet, resnet_unet
-from tests.conftest import assert_streaming_exact
-
-
-def _random_running_statistics(model: nn.Module) -> nn.Module:
-    """Eval mode in float64, with BatchNorm statistics far from the identity (so a wrong crop shows)."""
-    for layer in model.modules():
-        if isinstance(layer, nn.BatchNorm2d):
-            layer.running_mean.uniform_(-0.5, 0.5)
-            layer.running_var.uniform_(0.5, 2)
-    return model.double().eval()
+from tests.conftest import assert_streaming_exact, randomise_batch_norm
 
 
 @pytest.mark.parametrize("up", ["transpose", "bilinear", "nearest", "pixel_shuffle"])
@@ -30,7 +20,7 @@ def test_a_plain_unet_streams_exactly(up: str) -> None:
 
 
 def test_a_resnet18_unet_streams_exactly() -> None:
-    model = _random_running_statistics(resnet_unet("resnet18", num_classes=2, encoder_depth=3,
+    model = randomise_batch_norm(resnet_unet("resnet18", num_classes=2, encoder_depth=3,
                                                    decoder_channels=(8, 6, 4)))
     scnn = assert_streaming_exact(model, torch.randn(2, 3, 208, 240, dtype=torch.float64), (176, 208))
     assert scnn.output_stride == (1, 1)
