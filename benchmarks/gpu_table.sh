@@ -27,7 +27,7 @@ want() { [[ " $parts " == *" $1 "* ]]; }
 
 if want tests; then
   "$PYTHON" -m pytest -q -p no:cacheprovider tests/core/test_cuda.py tests/modules/test_cuda_training.py \
-    tests/widgets/test_memory_monitor.py || status=1
+    tests/widgets/test_memory_monitor.py tests/widgets/test_measured_peak.py || status=1
 fi
 if want table; then
   modes="whole ours reference"

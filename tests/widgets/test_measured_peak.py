@@ -24,9 +24,11 @@ def test_tensor_peak_counts_what_tensors_hold_during_the_block() -> None:
 
 
 @pytest.mark.slow
-def test_resnet18_measured_peak_is_within_a_quarter_of_the_estimate() -> None:
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="needs a CUDA device"))])
+def test_resnet18_measured_peak_is_within_a_quarter_of_the_estimate(device: str) -> None:
     torch.manual_seed(0)
-    trunk = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2]).eval()
+    trunk = nn.Sequential(*list(torchvision.models.resnet18().children())[:-2]).eval().to(device)
     image = torch.rand(1, 3, 2048, 2048)
     model = TileTunerModel(trunk, image, tile_size=512)
     estimate = StreamingCNN(trunk, tile_size=512).estimate(image.shape)
