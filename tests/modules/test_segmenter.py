@@ -98,7 +98,7 @@ def test_predict_returns_the_class_map_of_the_whole_image() -> None:
     assert torch.equal(classes.long(), expected)
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
 def test_the_whole_image_path_gives_the_streamed_loss_and_gradients() -> None:
     images, targets = _data(2)[:2]
     streamed = ImageSegmenter(_unet(), TILE, num_classes=3, ignore_index=IGNORE)
@@ -142,7 +142,7 @@ def test_a_short_fit_on_synthetic_disks_raises_validation_dice() -> None:
     assert after >= 0.75 and after > before + 0.2, (before, after)
 
 
-@pytest.mark.filterwarnings("ignore:You are trying to `self.log\(\)`")
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
 def test_misuse_is_refused_with_the_fix() -> None:
     images, targets = _data(2)[:2]
     targets = targets.clamp(max=2)
