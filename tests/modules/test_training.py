@@ -137,8 +137,9 @@ def test_bf16_mixed_streams_under_autocast_and_the_recompute_replays_it() -> Non
     assert dtypes == [torch.bfloat16]
     forward = [call for call in recorder.calls if not call[0]]
     recompute = [call for call in recorder.calls if call[0]]
-    plan = model.stream_network.plan(data.tensors[0].shape)
-    assert len(forward) == len(recompute) == 3 * len(plan)  # three convolutions per tile, each pass
+    (stage,) = model.stream_network.stream_plan(data.tensors[0].shape).stages
+    assert len(stage.plan) > len(stage.batches) > 1  # tiles of equal shape run as one batch
+    assert len(forward) == len(recompute) == 3 * len(stage.batches)  # three convolutions per run, each pass
     assert all(call[1:] == (True, torch.bfloat16, torch.bfloat16) for call in recorder.calls)
 
     relative_errors = {}
