@@ -144,9 +144,16 @@ class StreamingCNN(nn.Module):
 
     def stream_plan(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> StreamPlan:
         """The plan for a ``(B, C, H, W)`` image (or one ``(C, H, W)``, or ``(H, W)``) with the current settings."""
-        return self._plan(image_shape, dtype, self.stages)
+        return self._plan(image_shape, dtype, self.stages, self.tile_batch)
 
-    def _plan(self, image_shape: Sequence[int], dtype: torch.dtype | None, stages: StagePolicy) -> StreamPlan:
+    def loss_plan(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> StreamPlan:
+        """The plan :meth:`stream_loss` and :meth:`output_tiles` run: the trunk in one piece, one
+        tile at a time unless ``tile_batch`` is an explicit number (``"auto"`` would spend
+        ``stage_memory`` on batches, and a dense loss streams to keep memory flat)."""
+        return self._plan(image_shape, dtype, None, 1 if self.tile_batch == "auto" else self.tile_batch)
+
+    def _plan(self, image_shape: Sequence[int], dtype: torch.dtype | None, stages: StagePolicy,
+              tile_batch: int | str) -> StreamPlan:
         shape = tuple(int(v) for v in image_shape)
         if len(shape) == 2:
             shape = (input_channels(self.stream_module) or 3, *shape)
@@ -155,7 +162,7 @@ class StreamingCNN(nn.Module):
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, stages,  # type: ignore[arg-type]
-                              self.stage_memory_bytes, self.tile_batch)
+                              self.stage_memory_bytes, tile_batch)
         return self.planner.plan(request)
 
     def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
@@ -178,7 +185,7 @@ class StreamingCNN(nn.Module):
         if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
             raise TypeError(f"estimate: dtype must be a floating-point torch.dtype, not {dtype!r}")
         shape = checks.image_shape(image_shape, input_channels(self.stream_module))
-        plan = self._plan(shape, dtype, None) if per_tile_loss else self.stream_plan(shape, dtype)
+        plan = self.loss_plan(shape, dtype) if per_tile_loss else self.stream_plan(shape, dtype)
         costs = self.planner.costs([p.stage for p in plan.stages], plan.request.channels)
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plan.stages, costs)],
                              plan.request.batch, plan.request.itemsize,
@@ -355,7 +362,7 @@ class StreamingCNN(nn.Module):
         return self._dense_streamer(source).output_tiles(source)
 
     def _dense_streamer(self, source: ImageSource) -> DenseStreamer:
-        plan = self._plan(source.shape, None, None)
+        plan = self.loss_plan(source.shape)
         return DenseStreamer(plan.stages[0], Executor(self._preparer(), self.progress), Autocast.current(self.device))
 
     def _stream_loss(self, image: torch.Tensor | ImageSource, target: torch.Tensor | ImageSource,

@@ -270,8 +270,8 @@ def test_tiles_batched_together_and_a_lazy_image_give_the_same_loss_and_gradient
     target = _labels((2, 80, 80), ignored=0.2)
     expected, expected_grads, _ = _whole(trunk, image, lambda o: F.cross_entropy(o, target, ignore_index=IGNORE))
     scnn = StreamingCNN(trunk, tile_size=36, tile_batch=4)
-    plan = scnn.stream_plan(image.shape)
-    assert plan.stages[0].tile_batch > 1, "the test must batch tiles"
+    assert scnn.loss_plan(image.shape).stages[0].tile_batch > 1, "the test must batch tiles"
+    assert StreamingCNN(trunk, tile_size=36).loss_plan(image.shape).stages[0].tile_batch == 1  # "auto": one
     loss = scnn.stream_loss(_LazyImage(image), target, cross_entropy, ignore_index=IGNORE)
     assert relative_error(loss, expected) <= 1e-10
     for (name, param), grad in zip(trunk.named_parameters(), expected_grads):
@@ -282,7 +282,7 @@ def test_the_per_tile_loss_estimate_counts_no_recompute_and_no_stitched_output()
     from lightstream import TimeModel
 
     trunk = TinyUNet("bilinear").eval()
-    scnn = StreamingCNN(trunk, tile_size=128)
+    scnn = StreamingCNN(trunk, tile_size=128, tile_batch=1)  # both steps then hold one tile at a time
     shape = (1, 3, 1024, 1024)
     streamed_loss = scnn.estimate(shape, time_model=TimeModel(), per_tile_loss=True)
     forward_backward = scnn.estimate(shape, time_model=TimeModel())
