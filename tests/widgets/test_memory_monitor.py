@@ -95,7 +95,7 @@ class Scratch(Tiny):
 
 
 def test_records_the_steps_tensor_peak_on_the_cpu(tmp_path: Path) -> None:
-    monitor = MemoryMonitor()
+    monitor = MemoryMonitor(tensor_peak=True)
     data = TensorDataset(torch.rand(4, 3, 16, 16), torch.randint(0, 2, (4,)))
     trainer = L.Trainer(max_steps=2, accelerator="cpu", devices=1, callbacks=[monitor], logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
@@ -106,7 +106,8 @@ def test_records_the_steps_tensor_peak_on_the_cpu(tmp_path: Path) -> None:
         assert sample.rss > sample.tensor_peak
 
 
-def test_no_tensor_peak_when_asked_not_to(tmp_path: Path) -> None:
-    monitor = MemoryMonitor(tensor_peak=False)
+@pytest.mark.parametrize("setting", [False, None])  # None: on CUDA only, so not on this CPU run
+def test_no_tensor_peak_when_asked_not_to_or_by_default_on_the_cpu(tmp_path: Path, setting: bool | None) -> None:
+    monitor = MemoryMonitor(tensor_peak=setting)
     fit(monitor, tmp_path, steps=1)
     assert monitor.history[0].tensor_peak is None
