@@ -143,15 +143,17 @@ class ImageSegmenter(StreamingModule):
     def training_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss of one batch, streamed tile by tile; its ``backward()`` gives the trunk's exact gradients."""
         image, target = self._image_and_target(batch, "train")
-        metrics = self.train_metrics
-        if not self._streaming_hooks_enabled:
-            loss = self._whole_image_loss(image, target, metrics)
-        else:
-            loss = self.stream_network.stream_loss_autograd(
-                self._track_saliency(image), target, self.pixel_loss, ignore_index=self.ignore_index,
-                on_tile=lambda logits, tile_target: metrics.update(logits.argmax(1), _class_indices(tile_target)))
-        self._log_stage("train", loss, metrics, image.shape[0])
+        loss = self._loss(self._track_saliency(image), target, self.train_metrics)
+        self._log_stage("train", loss, self.train_metrics, image.shape[0])
         return loss
+
+    def _loss(self, image: Tensor | ImageSource, target: Tensor | ImageSource, metrics: MetricCollection) -> Tensor:
+        """The batch's loss (``stream_loss_autograd``: under ``no_grad`` only the loss), metrics updated per tile."""
+        if not self._streaming_hooks_enabled:
+            return self._whole_image_loss(image, target, metrics)
+        return self.stream_network.stream_loss_autograd(
+            image, target, self.pixel_loss, ignore_index=self.ignore_index,
+            on_tile=lambda logits, tile_target: metrics.update(logits.argmax(1), _class_indices(tile_target)))
 
     def validation_step(self, batch: Any, batch_idx: int) -> Tensor:
         """Loss and metrics of one validation batch, tile by tile."""
@@ -188,18 +190,8 @@ class ImageSegmenter(StreamingModule):
     def _evaluate(self, batch: Any, stage: str) -> Tensor:
         image, target = self._image_and_target(batch, stage)
         metrics: MetricCollection = getattr(self, f"{stage}_metrics")
-        pixel_target = self._pixel_target(image, target)
-        total = torch.zeros((), dtype=torch.float64, device=self.device)
-        counted, loss_dtype = 0, torch.float32
-        for logits, rows, cols in self._output_tiles(image):
-            tile_target = _class_indices(pixel_target.read(slice(*rows), slice(*cols), logits.device))
-            keep = self._counted(tile_target)
-            pixel_loss = self.pixel_loss(logits, tile_target)
-            total += pixel_loss.double()[keep].sum()  # float64 sums: a float32 count is inexact past 2**24
-            counted += int(keep.sum())
-            loss_dtype = pixel_loss.dtype
-            metrics.update(logits.argmax(1), tile_target)
-        loss = (total / counted if counted else total.new_tensor(math.nan)).to(loss_dtype)
+        with torch.no_grad():
+            loss = self._loss(image, target, metrics)
         self._log_stage(stage, loss, metrics, image.shape[0])
         return loss
 
