@@ -66,8 +66,8 @@ def _axis_key(graph: TrunkGraph, spans: tuple[Span, Span], axis: int, plan: Tile
     where its owned outputs sit in what it computes."""
     read, owned = spans
     schedule = graph.schedule(read, axis, plan.layer_sizes)
-    computed = schedule.spans[graph.output]
-    return schedule.shape_key, owned[0] - computed[0], owned[1] - owned[0]
+    held = schedule.held[graph.output]
+    return schedule.shape_key, owned[0] - held[0], owned[1] - owned[0]
 
 
 def batch_unsafe_reason(graph: TrunkGraph) -> str | None:

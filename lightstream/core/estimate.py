@@ -204,8 +204,8 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh
     full = plan.layer_sizes
     macs = [costs[i].macs_per_pixel for i in spatial]
     values = [costs[i].elements_per_pixel for i in spatial]
-    rows = Counter(_exact_lengths(graph, plan.row_spans, 0, full, spatial))
-    cols = Counter(_exact_lengths(graph, plan.col_spans, 1, full, spatial))
+    rows = Counter(_held_lengths(graph, plan.row_spans, 0, full, spatial))
+    cols = Counter(_held_lengths(graph, plan.col_spans, 1, full, spatial))
     # Work is separable over rows and columns; peaks and fresh memory need each tile shape once.
     row_sums = [sum(r[k] * n for r, n in rows.items()) for k in range(len(spatial))]
     col_sums = [sum(c[k] * n for c, n in cols.items()) for k in range(len(spatial))]
@@ -313,11 +313,11 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
         whole_image_fresh_bytes=int(batch_size * whole_fresh))
 
 
-def _exact_lengths(graph: TrunkGraph, spans: tuple, axis: int, full: list[tuple[int, int]],
+def _held_lengths(graph: TrunkGraph, spans: tuple, axis: int, full: list[tuple[int, int]],
                    spatial: list[int]) -> list[tuple[int, ...]]:
-    """Per tile along one axis: the exact length computed at each spatial step."""
+    """Per tile along one axis: the length computed at each spatial step (exact values and margins)."""
     out = []
     for span, _ in spans:
-        exact = graph.exact_spans(span, axis, full)
-        out.append(tuple(max(0, exact[i][1] - exact[i][0]) for i in spatial))
+        held = graph.schedule(span, axis, full).held
+        out.append(tuple(max(0, held[i][1] - held[i][0]) for i in spatial))
     return out

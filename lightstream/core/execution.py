@@ -35,7 +35,7 @@ from .geometry import Tile
 from .graph import crop_to
 from .inputs import Autocast, TilePreparer
 from .planner import StreamPlan
-from .source import ImageSource, TensorSource
+from .source import ImageSource, TensorSource, region
 from .stages import StagePlan
 
 __all__ = ["Executor", "Kept", "TileGraph", "backpropagate"]
@@ -99,7 +99,7 @@ class Executor:
             if out is None:
                 out = y.new_empty((y.shape[0] // len(batch), y.shape[1], *stage_plan.plan.output_size))
             for tile, part in zip(batch.tiles, _per_tile(y, len(batch))):
-                out[:, :, tile.output.rows, tile.output.cols] = part
+                region(out, tile.output.rows, tile.output.cols).copy_(part)
         assert out is not None
         return out, None
 
@@ -107,12 +107,12 @@ class Executor:
         """Run the batch's stacked tiles once, with its lead tile's coordinates (all of them run
         the same operations, see :mod:`lightstream.core.batching`), cropped to what they own."""
         box, want = batch.lead.input, batch.lead.output
-        y, rows, cols = stage_plan.stage.graph.run(x, (box.top, box.bottom), (box.left, box.right),
-                                                   stage_plan.plan.layer_sizes)
+        out = stage_plan.stage.graph.run(x, (box.top, box.bottom), (box.left, box.right), stage_plan.plan.layer_sizes)
+        rows, cols = out.exact
         if rows[0] > want.top or rows[1] < want.bottom or cols[0] > want.left or cols[1] < want.right:
             raise StreamingError(f"internal error: tile {batch.lead.index} computed rows {rows} cols {cols} "
                                  f"but owns {want}; please report this trunk")
-        return crop_to(y, (rows, cols), ((want.top, want.bottom), (want.left, want.right)))
+        return crop_to(out.value, out.held, ((want.top, want.bottom), (want.left, want.right)))
 
     def _load_batches(self, source: ImageSource, batches: tuple[TileBatch, ...], what: str
                       ) -> Iterator[tuple[TileBatch, torch.Tensor]]:
@@ -176,7 +176,7 @@ class Executor:
         if isinstance(source, TensorSource) and grads[-1].shape == source.image.shape:  # the tile is the map
             return list(grads[:-1]), grads[-1].to(source.image.device)
         input_grad = _zeros_like_source(source, graph.leaf.dtype)
-        input_grad[:, :, graph.tile.input.rows, graph.tile.input.cols] = grads[-1]  # the tile may not read every pixel
+        region(input_grad, graph.tile.input.rows, graph.tile.input.cols).copy_(grads[-1])  # it may not read every pixel
         return list(grads[:-1]), input_grad
 
     def _backward_stage(self, stage_plan: StagePlan, source: ImageSource, grad: torch.Tensor,
@@ -188,8 +188,8 @@ class Executor:
             with torch.enable_grad(), autocast():  # enable_grad: autograd's backward runs without it
                 leaf, x = self.prepare(raw, first, requires_grad=want_input_grad)
                 y = self._run_batch(stage_plan, batch, x)
-            g = _stack([grad[:, :, t.output.rows, t.output.cols] for t in batch.tiles]).to(device=y.device,
-                                                                                          dtype=y.dtype)
+            g = _stack([region(grad, t.output.rows, t.output.cols) for t in batch.tiles]).to(device=y.device,
+                                                                                             dtype=y.dtype)
             input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
                                        input_grad)
         return totals, input_grad
@@ -209,7 +209,7 @@ def backpropagate(output: torch.Tensor, grad_output: torch.Tensor | None, params
     if input_grad is None:
         input_grad = _zeros_like_source(source, leaf.dtype)
     for tile, part in zip(batch.tiles, _per_tile(grads[-1].to(input_grad.device), len(batch))):
-        input_grad[:, :, tile.input.rows, tile.input.cols] += part
+        region(input_grad, tile.input.rows, tile.input.cols).add_(part)
     return input_grad
 
 

@@ -29,9 +29,9 @@ from .errors import UnsupportedLayerError
 from .op_table import lookup, random_draw, resolve
 from .ops import Crop, OpCall
 from .randomness import SeededDraws, random_reason
-from .window import AxisGeometry, WindowCut
+from .window import AxisGeometry, Window, WindowCut
 
-__all__ = ["TrunkGraph", "Step", "Span", "WindowCut", "AxisSchedule", "crop_to", "module_device", "parameter_dtype"]
+__all__ = ["TrunkGraph", "Step", "Span", "WindowCut", "AxisSchedule", "TileOutput", "crop_to", "module_device", "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""
@@ -41,11 +41,15 @@ Span = tuple[int, int]
 class AxisSchedule:
     """Everything :meth:`TrunkGraph.run` does along one axis for one input interval.
 
-    ``spans``: per step, the rows (or columns) of the full map it holds (:meth:`TrunkGraph.exact_spans`);
-    ``cuts``: per window step, its :class:`WindowCut` (``None`` elsewhere).
+    ``spans``: per step, the rows (or columns) of the full map whose values are exact
+    (:meth:`TrunkGraph.exact_spans`); ``held``: the rows the step's tensor holds, which may
+    extend past them by a margin that only the tile's own padding produced (see
+    :meth:`TrunkGraph.schedule`); ``cuts``: per window step, its :class:`WindowCut` (``None``
+    elsewhere); ``inputs``: per step, the spatial steps it reads.
     """
 
     spans: tuple[Span, ...]
+    held: tuple[Span, ...]
     cuts: tuple[WindowCut | None, ...]
     inputs: tuple[tuple[int, ...], ...]
 
@@ -53,17 +57,24 @@ class AxisSchedule:
     def shape_key(self) -> tuple:
         """The schedule with every absolute position removed.
 
-        :meth:`TrunkGraph.run` reads the spans only through these differences (narrow offsets
-        and lengths, pads, merge crops), so two inputs with equal keys on both axes run the
-        same operations on tensors of the same shapes: stacked on the batch axis they run once.
+        :meth:`TrunkGraph.run` reads the held spans only through these differences (narrow
+        offsets and lengths, pads, merge crops), so two inputs with equal keys on both axes run
+        the same operations on tensors of the same shapes: stacked on the batch axis they run once.
         """
         key: list[tuple] = []
-        for span, cut, inputs in zip(self.spans, self.cuts, self.inputs):
+        for held, cut, inputs in zip(self.held, self.cuts, self.inputs):
             if cut is not None:
                 key.append((cut.start, cut.length, cut.pad, cut.first, cut.out[1] - cut.out[0]))
             else:
-                key.append((span[1] - span[0], *(span[0] - self.spans[i][0] for i in inputs)))
+                key.append((held[1] - held[0], *(held[0] - self.held[i][0] for i in inputs)))
         return tuple(key)
+
+
+MAX_MARGIN = 0.25
+"""The largest fraction of a tile's rows (or columns) a window step may carry as margin before
+its output is cropped to the exact values (a margin saves the crop's operations, and costs
+computing it in the following layers)."""
+
 
 @dataclass
 class Step:
@@ -80,6 +91,8 @@ class Step:
         family: the op family that accepted it (:mod:`lightstream.core.op_table`); ``""`` for
             the input and image-independent steps.
         crop: how a tile's operands are cut before it runs.
+        bounded: whether finite operands give finite results (:attr:`~lightstream.core.ops.Op.bounded`):
+            only then may its operands carry margins.
     """
 
     name: str
@@ -92,6 +105,7 @@ class Step:
     target: Any = None
     family: str = ""
     crop: Crop = Crop.MERGE
+    bounded: bool = True
 
 
 def _node_path(node: fx.Node) -> str:
@@ -211,7 +225,7 @@ class TrunkGraph:
         assert op is not None and op.family.crop is not None, "resolve refuses ops outside the table"
         return Step(name=node.name, path=path, node=node, spatial=True, window=geometry.window,
                     dims=geometry.dims, inputs=tuple(inputs), target=target, family=op.family.name,
-                    crop=op.family.crop)
+                    crop=op.family.crop, bounded=op.bounded)
 
     def static_value(self, node: fx.Node) -> Any:
         """An image-independent step's value as evaluated at trace time (``None`` for others)."""
@@ -273,13 +287,38 @@ class TrunkGraph:
         return out
 
     def schedule(self, span: Span, axis: int, sizes: Sequence[tuple[int, int]]) -> AxisSchedule:
-        """How :meth:`run` cuts every step along ``axis`` for input interval ``span``."""
-        spans = self.exact_spans(span, axis, sizes)
-        cuts = [None if step.window is None else
-                step.window[axis].cut(*spans[step.inputs[0]], sizes[step.inputs[0]][axis])
-                for step in self.steps]
+        """How :meth:`run` cuts every step along ``axis`` for input interval ``span``.
+
+        A tile's convolution or pooling runs on everything its operand holds, with the layer's
+        padding, and keeps all of its outputs: the outputs next to a cut edge read the padding
+        instead of the neighbouring tile's pixels and are not exact, but they only ever reach
+        outputs that are not exact either (and are cropped away in the end), so their gradients
+        are exact zeros. Not cropping them saves two crops per layer and their zero-filling
+        backward copies. A step's operands are cropped to their exact values when its margin
+        would exceed :data:`MAX_MARGIN` of what it holds, before an op that is not
+        :attr:`~Step.bounded`, and for resampling (whose cut is computed from exact values).
+        """
+        exact = self.exact_spans(span, axis, sizes)
+        held: list[Span] = []
+        cuts: list[WindowCut | None] = []
+        for index, step in enumerate(self.steps):
+            cut = None
+            if not step.spatial:
+                have = (0, 0)
+            elif step.window is not None:
+                source = step.inputs[0]
+                cut = _margin_cut(step.window[axis], held[source], exact[source], exact[index],
+                                  sizes[source][axis], sizes[index][axis])
+                have = cut.out
+            elif step.inputs:
+                spans = held if step.bounded else exact
+                have = (max(spans[i][0] for i in step.inputs), min(spans[i][1] for i in step.inputs))
+            else:
+                have = span
+            held.append(have)
+            cuts.append(cut)
         inputs = tuple(step.inputs if step.spatial else () for step in self.steps)
-        return AxisSchedule(tuple(spans), tuple(cuts), inputs)
+        return AxisSchedule(tuple(exact), tuple(held), tuple(cuts), inputs)
 
     def needed_span(self, span: Span, axis: int, sizes: Sequence[tuple[int, int]],
                     at: int | None = None) -> Span:
@@ -303,19 +342,18 @@ class TrunkGraph:
         return need[0] if need[0] is not None else span
 
     def run(self, tile: torch.Tensor, rows: Span, cols: Span, sizes: Sequence[tuple[int, int]],
-            observe: Callable[[int, torch.Tensor], None] | None = None
-            ) -> tuple[torch.Tensor, Span, Span]:
+            observe: Callable[[int, torch.Tensor], None] | None = None) -> TileOutput:
         """Run the trunk on ``tile`` (image rows ``rows`` and columns ``cols``).
 
-        Returns the output tensor and the rows and columns of the full output map it holds;
-        every value returned equals the whole-image computation at that position.
+        Returns the output tensor with the rows and columns of the full output map it holds and
+        those of them that are exact (every value there equals the whole-image computation).
         ``observe(step_index, tensor)`` is called with every spatial step's result; such a
         shape probe skips the modules' forward hooks (users' hooks see only real passes).
         """
         hooks = observe is None
         values: list[Any] = [None] * len(self.steps)
         axes = (self.schedule(rows, 0, sizes), self.schedule(cols, 1, sizes))
-        spans = [(r, c) for r, c in zip(axes[0].spans, axes[1].spans)]
+        held = list(zip(axes[0].held, axes[1].held))
 
         def lookup(n: fx.Node) -> Any:
             return values[self._index[n]]
@@ -330,12 +368,13 @@ class TrunkGraph:
                     cuts = (axes[0].cuts[index], axes[1].cuts[index])
                     values[index] = self._run_window(step, values[step.inputs[0]], cuts, lookup, hooks)  # type: ignore[arg-type]
                 else:
-                    values[index] = self._run_merged(step, values, spans, spans[index], hooks)
+                    values[index] = self._run_merged(step, values, held, held[index], hooks)
                 if observe is not None:
                     observe(index, values[index])
             for done in self._released_after[index]:
                 values[done] = None
-        return values[self.output], spans[self.output][0], spans[self.output][1]
+        out = self.output
+        return TileOutput(values[out], held[out], (axes[0].spans[out], axes[1].spans[out]))
 
     def _run_merged(self, step: Step, values: list[Any], spans: list[tuple[Span, Span]], box: tuple[Span, Span],
                     hooks: bool) -> Any:
@@ -351,30 +390,76 @@ class TrunkGraph:
     def _run_window(self, step: Step, x: torch.Tensor, cuts: tuple[WindowCut, WindowCut],
                     lookup: Callable[[fx.Node], Any], hooks: bool) -> torch.Tensor:
         rows, cols = cuts
-        x = _narrow(_narrow(x, 2, rows.start, rows.length), 3, cols.start, cols.length)
-        if rows.pad or cols.pad:
-            x = F.pad(x, (cols.pad, 0, rows.pad, 0))
+        x = _pad(x, (2, 3), [(rows.pad - rows.start, rows.start + rows.length - x.shape[2]),
+                             (cols.pad - cols.start, cols.start + cols.length - x.shape[3])])
         source = self.steps[step.inputs[0]].node
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
-        y = _narrow(y, 2, rows.first, rows.out[1] - rows.out[0])
-        return _narrow(y, 3, cols.first, cols.out[1] - cols.out[0])
+        return _pad(y, (2, 3), [(-rows.first, rows.first + rows.out[1] - rows.out[0] - y.shape[2]),
+                                (-cols.first, cols.first + cols.out[1] - cols.out[0] - y.shape[3])])
+
+
+@dataclass(frozen=True)
+class TileOutput:
+    """What :meth:`TrunkGraph.run` returns: the output, the ``(rows, cols)`` of the full output
+    map it holds, and the ``(rows, cols)`` of those whose values are exact."""
+
+    value: torch.Tensor
+    held: tuple[Span, Span]
+    exact: tuple[Span, Span]
+
+    @property
+    def exact_value(self) -> torch.Tensor:
+        """The output cropped to its exact rows and columns."""
+        return crop_to(self.value, self.held, self.exact)
+
+
+def _margin_cut(window: AxisGeometry, held: Span, exact: Span, exact_out: Span, n: int, m: int) -> WindowCut:
+    """How a window step runs on an operand holding ``held`` (exact on ``exact``) of ``n``
+    positions: on all of it, keeping the margins, unless they would grow past :data:`MAX_MARGIN`
+    or the window is not a plain :class:`~lightstream.core.window.Window` (then cropped to
+    ``exact_out``, its exact outputs, of ``m``)."""
+    eager = window.cut(*exact, n)
+    eager = WindowCut(eager.start + exact[0] - held[0], eager.length, eager.pad, eager.first, eager.out)
+    if not isinstance(window, Window) or exact_out[1] <= exact_out[0]:
+        return eager
+    stride, (lo, hi) = window.stride, held
+    need = window.needed_in(*exact_out, n)
+    aligned_up = -(-lo // stride) * stride
+    # Output j of the op then reads its input from t0 (a multiple of the stride): it is output
+    # t0 / stride + j of the full map. Drop rows up to the next multiple if the exact outputs do
+    # not read them, else pad rows before the operand.
+    t0 = aligned_up if aligned_up <= need[0] else lo - lo % stride
+    start, pad = max(0, t0 - lo), max(0, lo - t0)
+    length = hi - lo - start
+    outputs = window.out_len(length + pad)
+    if window.whole_windows:  # drop the rows no window reads
+        length = (outputs - 1) * stride + window.extent - pad
+    out_lo = t0 // stride
+    out_hi = min(m, out_lo + outputs)
+    margin = (out_hi - out_lo) - (exact_out[1] - exact_out[0])
+    if out_lo > exact_out[0] or out_hi < exact_out[1] or margin > MAX_MARGIN * (out_hi - out_lo):
+        return eager
+    return WindowCut(start, length, pad, 0, (out_lo, out_hi))
 
 
 def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)
             ) -> torch.Tensor:
-    """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (a view)."""
-    for axis in range(2):
-        (lo, _), (wlo, whi) = have[axis], want[axis]
-        x = _narrow(x, dims[axis], wlo - lo, whi - wlo)
-    return x
+    """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (``want`` within ``have``)."""
+    return _pad(x, dims, [(have[a][0] - want[a][0], want[a][1] - have[a][1]) for a in range(2)])
 
 
-def _narrow(x: torch.Tensor, dim: int, start: int, length: int) -> torch.Tensor:
-    """``x.narrow`` that returns ``x`` itself when the range is the whole axis: autograd records
-    a slice even then, and its backward writes a zero-filled copy of the whole tensor."""
-    if start == 0 and length == x.shape[dim]:
+def _pad(x: torch.Tensor, dims: tuple[int, int], pads: list[tuple[int, int]]) -> torch.Tensor:
+    """``x`` padded with zeros (positive) or cropped (negative) by ``(before, after)`` along each
+    of ``dims``, in one operation (whose backward is one operation too: a crop's recorded slices
+    would write a zero-filled copy of the whole tensor per axis); ``x`` itself when all are 0."""
+    if not any(before or after for before, after in pads):
         return x
-    return x.narrow(dim, start, length)
+    first = min(dims)
+    flat = [0] * (2 * (x.dim() - first))
+    for dim, (before, after) in zip(dims, pads):
+        offset = 2 * (x.dim() - 1 - dim)
+        flat[offset], flat[offset + 1] = before, after
+    return F.pad(x, flat)
 
 
 def module_device(module: nn.Module) -> torch.device:

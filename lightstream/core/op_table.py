@@ -187,7 +187,7 @@ def _shuffle(call: OpCall, factor: Any) -> tuple[Resampling, Resampling]:
 
 def _unshuffle(call: OpCall, factor: Any) -> tuple[Window, Window]:
     r = _integer_factors(call, factor, "downscale_factor")
-    return Window(r[0], r[0]), Window(r[1], r[1])
+    return Window(r[0], r[0], whole_windows=True), Window(r[1], r[1], whole_windows=True)
 
 
 def _transposed_windows(call: OpCall, kernel: Any, stride: Any, padding: Any, output_padding: Any,
@@ -328,18 +328,22 @@ _POINTWISE_MODULES = (
 _POINTWISE_FUNCTIONS = (
     F.relu, torch.relu, F.relu6, F.gelu, F.silu, F.mish, F.hardswish, F.hardsigmoid, F.hardtanh,
     F.leaky_relu, F.elu, F.selu, F.celu, F.softplus, F.sigmoid, F.tanh, torch.sigmoid, torch.tanh,
-    torch.exp, torch.log, torch.abs, torch.sqrt, torch.rsqrt, torch.square, torch.clamp, torch.clip,
-    torch.erf, torch.neg, operator.neg, operator.pos, torch.pow, operator.pow,
+    torch.abs, torch.square, torch.clamp, torch.clip, torch.erf, torch.neg, operator.neg, operator.pos,
 )
 _POINTWISE_METHODS = (
-    "relu", "sigmoid", "tanh", "exp", "abs", "neg", "clamp", "clip", "sqrt", "square", "pow",
-    "contiguous", "clone", "float", "double", "half", "bfloat16", "to", "type_as",
+    "relu", "sigmoid", "tanh", "abs", "neg", "clamp", "clip", "square",
+    "contiguous", "clone", "float", "double", "bfloat16", "to", "type_as",
 )
+_UNBOUNDED_POINTWISE = (
+    torch.exp, torch.log, torch.sqrt, torch.rsqrt, torch.pow, operator.pow,
+    *(Method(name) for name in ("exp", "sqrt", "pow", "half")),
+)
+"""Pointwise ops that can make finite values infinite or NaN (see :attr:`Op.bounded`)."""
 _ELEMENTWISE = (
-    operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul,
-    torch.div, torch.maximum, torch.minimum, torch.where,
-    *(Method(name) for name in ("add", "sub", "mul", "div")),
+    operator.add, operator.sub, operator.mul, torch.add, torch.sub, torch.mul, torch.maximum, torch.minimum,
+    torch.where, *(Method(name) for name in ("add", "sub", "mul")),
 )
+_DIVISIONS = (operator.truediv, torch.div, Method("div"))
 _DROPOUT_FUNCTIONS = (F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout, F.feature_alpha_dropout)
 
 _ENTRIES: list[tuple[tuple[Any, ...], Op]] = [
@@ -350,6 +354,7 @@ _ENTRIES: list[tuple[tuple[Any, ...], Op]] = [
     ((nn.AvgPool2d,), Op(POOLING, _avg_pool_module)),
     ((F.avg_pool2d,), Op(POOLING, _avg_pool_function)),
     (_POINTWISE_MODULES + _POINTWISE_FUNCTIONS + tuple(Method(m) for m in _POINTWISE_METHODS), Op(POINTWISE)),
+    (_UNBOUNDED_POINTWISE, Op(POINTWISE, bounded=False)),
     ((nn.modules.dropout._DropoutNd,), Op(POINTWISE, draws=_dropout_module_draws)),
     (_DROPOUT_FUNCTIONS, Op(POINTWISE, draws=_dropout_function_draws)),
     (("torchvision.ops.stochastic_depth.stochastic_depth",), Op(POINTWISE, draws=_stochastic_depth_draws)),
@@ -363,6 +368,7 @@ _ENTRIES: list[tuple[tuple[Any, ...], Op]] = [
     ((nn.PReLU,), Op(NORMALISATION, _prelu_module)),
     ((nn.LocalResponseNorm,), Op(NORMALISATION, _channels_first)),
     (_ELEMENTWISE, Op(MERGE)),
+    (_DIVISIONS, Op(MERGE, bounded=False)),
     ((torch.cat, torch.concat, torch.concatenate), Op(MERGE, _concatenate)),
     ((torch.permute,), Op(LAYOUT, _permute)),
     ((Method("permute"),), Op(LAYOUT, _permute, signature=_permute_method)),

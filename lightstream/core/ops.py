@@ -157,6 +157,12 @@ class Op:
         draws: when a call of it draws random numbers (dropout in training mode), for ops
             that sometimes do; other ops are checked against torch's seeded-operator tags.
         reason: why a refused op is not local, and what to do instead.
+        bounded: whether finite inputs always give finite outputs. A tile carries margins of
+            values that only its own padding produced (see
+            :meth:`~lightstream.core.graph.TrunkGraph.schedule`); they reach only outputs that
+            are cropped away, and their gradients are exact zeros, unless an op makes them
+            infinite or NaN (``log``, division, ``exp``): such an op's operands are cropped to
+            their exact values first.
     """
 
     family: Family
@@ -164,6 +170,7 @@ class Op:
     signature: Callable[..., Any] | None = None
     draws: Callable[[OpCall], bool] | None = None
     reason: str = ""
+    bounded: bool = True
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,8 @@ class Window:
     pad_before: int = 0
     pad_after: int = 0
     ceil_mode: bool = False
+    whole_windows: bool = False
+    """The op refuses an input that does not end with a whole window (``pixel_unshuffle``)."""
 
     @property
     def extent(self) -> int:

@@ -58,7 +58,8 @@ def test_every_crop_of_a_decoder_op_keeps_only_whole_map_values(name: str) -> No
                  enumerate([(top, bottom), (left, right)])]
         if any(hi <= lo for lo, hi in exact):
             continue  # nothing is exact from so thin a crop
-        out, rows, cols = graph.run(image[..., top:bottom, left:right], (top, bottom), (left, right), sizes)
+        run = graph.run(image[..., top:bottom, left:right], (top, bottom), (left, right), sizes)
+        out, (rows, cols) = run.exact_value, run.exact
         assert out.shape[-2:] == (rows[1] - rows[0], cols[1] - cols[0])
         torch.testing.assert_close(out, expected[..., rows[0]:rows[1], cols[0]:cols[1]], rtol=0, atol=1e-12)
         covered[rows[0]:rows[1], cols[0]:cols[1]] = True
@@ -193,7 +194,8 @@ def test_power_of_two_upsampling_is_bit_exact_in_float32_far_from_the_origin(mod
     image = torch.randn(1, 1, 4, 40000)
     sizes = graph.sizes(4, 40000)
     expected = graph.trunk(image)
-    out, rows, cols = graph.run(image[..., 35000:35100], (0, 4), (35000, 35100), sizes)
+    run = graph.run(image[..., 35000:35100], (0, 4), (35000, 35100), sizes)
+    out, (rows, cols) = run.exact_value, run.exact
     assert cols[1] - cols[0] >= 380
     assert torch.equal(out, expected[..., rows[0]:rows[1], cols[0]:cols[1]])
 
