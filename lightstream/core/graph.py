@@ -70,7 +70,7 @@ class AxisSchedule:
         return tuple(key)
 
 
-MAX_MARGIN = 0.25
+MAX_MARGIN = 0.125
 """The largest fraction of a tile's rows (or columns) a window step may carry as margin before
 its output is cropped to the exact values (a margin saves the crop's operations, and costs
 computing it in the following layers)."""

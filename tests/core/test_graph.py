@@ -38,26 +38,27 @@ def test_an_inner_tile_carries_its_margins_instead_of_cropping_every_layer() -> 
     # padding: they are held but not exact, and nothing is cropped (no recorded crop, no backward copy)
     trunk = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.Conv2d(4, 4, 3, padding=1))
     graph = TrunkGraph(trunk)
-    image = torch.randn(1, 3, 32, 32)
-    band = image[:, :, 8:24, :].requires_grad_()  # rows 8..24, every column
-    out = graph.run(band, (8, 24), (0, 32), graph.sizes(32, 32))
-    assert out.held == ((8, 24), (0, 32)) and out.exact == ((10, 22), (0, 32))
-    assert torch.allclose(out.exact_value, trunk(image)[:, :, 10:22, :], atol=1e-6)
+    image = torch.randn(1, 3, 64, 32)
+    band = image[:, :, 8:40, :].requires_grad_()  # rows 8..40, every column
+    out = graph.run(band, (8, 40), (0, 32), graph.sizes(64, 32))
+    assert out.held == ((8, 40), (0, 32)) and out.exact == ((10, 38), (0, 32))
+    assert torch.allclose(out.exact_value, trunk(image)[:, :, 10:38, :], atol=1e-6)
     assert not [n for n in _autograd_nodes(out.value) if "Slice" in n or "Pad" in n]
 
 
-def test_margins_are_cropped_once_they_would_exceed_a_quarter_of_the_tile() -> None:
+def test_margins_are_cropped_once_they_would_exceed_an_eighth_of_the_tile() -> None:
     trunk = nn.Sequential(*[nn.Conv2d(2, 2, 3, padding=1) for _ in range(6)])
     graph = TrunkGraph(trunk)
     sizes = graph.sizes(64, 64)
-    schedule = graph.schedule((20, 36), 0, sizes)  # 16 rows: margins of 1 + 1 per layer
+    schedule = graph.schedule((8, 40), 0, sizes)  # 32 rows: margins of 1 + 1 per layer
     margins = [(h[1] - h[0]) - (e[1] - e[0]) for h, e in zip(schedule.held[1:], schedule.spans[1:])]
-    # 6 of 16 rows would exceed 1/4: layer 3 is cropped to its 10 exact rows; then 4 of 10 and 2 of 6
-    assert margins == [2, 4, 0, 2, 0, 0]
+    # 6 of 32 rows would exceed 1/8: layer 3 is cropped to its 26 exact rows; then 4 of 26 would
+    assert margins == [2, 4, 0, 2, 0, 2]
     image = torch.randn(1, 2, 64, 64, dtype=torch.float64)
     trunk = trunk.double()
-    out = graph.run(image[:, :, 20:36], (20, 36), (0, 64), sizes)
-    torch.testing.assert_close(out.exact_value, trunk(image)[:, :, 26:30], rtol=0, atol=1e-12)
+    out = graph.run(image[:, :, 8:40], (8, 40), (0, 64), sizes)
+    assert out.exact == ((14, 34), (0, 64))
+    torch.testing.assert_close(out.exact_value, trunk(image)[:, :, 14:34], rtol=0, atol=1e-12)
 
 
 def test_an_op_that_can_make_margins_infinite_gets_exact_operands_and_exact_gradients() -> None:
