@@ -52,9 +52,10 @@ class StreamingCNN(nn.Module):
             recompute, see :mod:`lightstream.core.stages`; other trunks stream in one piece);
             ``None`` streams the trunk as one piece (memory flat in image size); a list of
             child indices cuts there.
-        stage_memory: bytes the kept stage maps and their gradients may use with ``"auto"``
-            stages; ``"auto"`` (default): 1 GiB, or a sixteenth of the GPU's memory when the
-            trunk is on a larger GPU (:func:`~lightstream.core.stages.default_stage_memory`).
+        stage_memory: bytes the stitched maps may use: the trunk's output and, with ``"auto"``
+            stages, the kept stage maps, each with its gradient; ``"auto"`` (default): 1.25 GiB,
+            or a sixteenth of the GPU's memory when the trunk is on a larger GPU
+            (:func:`~lightstream.core.stages.default_stage_memory`).
             What the maps leave over buys fewer dispatched operations: the deepest stages whose
             graphs fit it run as one tile without recompute, the others with larger tiles or
             batches (see :mod:`lightstream.core.planner`).

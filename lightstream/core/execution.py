@@ -34,6 +34,7 @@ from .errors import StreamingError
 from .geometry import Tile
 from .graph import crop_to
 from .inputs import Autocast, TilePreparer
+from .memory import release_host_memory
 from .planner import StreamPlan
 from .source import ImageSource, TensorSource, region
 from .stages import StagePlan
@@ -83,6 +84,7 @@ class Executor:
             out, graph = self._forward_stage(stage_plan, source, index == 0, keep_graph)
             kept.append(Kept(input_map, graph))
             source = TensorSource(out)
+            self._stage_done()
         return out, kept
 
     def _forward_stage(self, stage_plan: StagePlan, source: ImageSource, first: bool, keep_graph: bool
@@ -163,7 +165,14 @@ class Executor:
                     totals[id(param)] = g if id(param) not in totals else totals[id(param)].add_(g)
             if kept is not None:
                 kept[index] = Kept()  # free the stage's map or graph as soon as possible
+            self._stage_done()
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
+
+    def _stage_done(self) -> None:
+        """Between stages on the CPU, give the heap pages the stage's tiles freed back to the system:
+        the next stage's tiles have other shapes and would leave them unused beside their own."""
+        if self.prepare.device.type == "cpu":
+            release_host_memory()
 
     def _backward_graph(self, graph: TileGraph, source: ImageSource, grad: torch.Tensor,
                         params: list[torch.Tensor], want_input_grad: bool) -> tuple[Gradients, torch.Tensor | None]:

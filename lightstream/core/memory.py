@@ -16,11 +16,14 @@ device: the most bytes held by tensors during a block, above what tensors held w
 Process RSS (:func:`process_rss`, :func:`peak_rss`) is another quantity: it also counts the
 allocator's caching, pages of libraries touched for the first time and memory that is freed but
 not yet returned to the operating system, so it is usually far larger than the tensor peak.
+:func:`release_host_memory` returns glibc's freed heap pages between stages of a streamed step.
 """
 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import functools
 import os
 import re
 import sys
@@ -33,10 +36,31 @@ import psutil
 import torch
 from torch.autograd import profiler
 
-__all__ = ["RSS_REASON", "TensorPeak", "peak_rss", "process_rss", "reset_peak_rss"]
+__all__ = ["RSS_REASON", "TensorPeak", "peak_rss", "process_rss", "release_host_memory", "reset_peak_rss"]
 
 RSS_REASON = "process RSS also counts allocator caching and library pages"
 """Why process RSS is larger than the tensor peak, in one line (shown next to RSS figures)."""
+
+
+def release_host_memory() -> None:
+    """Return the free pages of the C heap to the operating system (glibc's ``malloc_trim``).
+
+    glibc keeps the pages of freed tensors below its mmap threshold (which rises to 32 MiB once
+    large tensors are freed) for reuse; a streamed stage of many tiles leaves a fragmented heap
+    that the next stage, with other tile shapes, cannot reuse, so the process holds both. A no-op
+    where the C library has no ``malloc_trim`` (macOS, musl).
+    """
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> "ctypes._CFuncPtr | None":
+    try:
+        return ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
 
 _PROC_STATUS = Path("/proc/self/status")
 _PROC_CLEAR_REFS = Path("/proc/self/clear_refs")

@@ -4,7 +4,8 @@ The pipeline is *trunk → trace → plan → execute*. A :class:`Planner` holds
 (its :class:`~lightstream.core.graph.TrunkGraph` and :class:`~lightstream.core.geometry.Geometry`)
 and turns a :class:`PlanRequest` — image shape, tile size, stage policy, stage memory — into a
 :class:`StreamPlan`: the stages, each with its tile size, tile plan and how many of its tiles may
-run as one batch. The ``stage_memory`` the kept stage maps leave over is spent on fewer runs of the
+run as one batch. The ``stage_memory`` the stitched maps (kept stage maps and the trunk's output,
+with their gradients) leave over is spent on fewer runs of the
 trunk's steps (on a GPU, each op of a run is a kernel launch): the deepest stages whose whole maps
 fit run as one tile and keep their graph for the backward (no recompute), the other later stages
 get larger tiles, and tiles of equal shape run as one batch (``tile_batch="auto"``), so that one
@@ -143,7 +144,8 @@ class Planner:
         whole = self.stages(())[0]
         per_value = request.batch * request.itemsize
         budget = tile_values(whole, self.costs([whole], request.channels)[0], request.tile_size)
-        spare = max(0.0, request.stage_memory - sum(self._map_bytes(stages, costs, request))) / per_value
+        held = sum(self._map_bytes(stages, costs, request)) + self._output_bytes(request)
+        spare = max(0.0, request.stage_memory - held) / per_value
         sizes = [request.image_size]
         for stage in stages[:-1]:
             sizes.append(stage.geometry.output_size(sizes[-1]))
@@ -204,7 +206,7 @@ class Planner:
         costs = self.costs(stages, request.channels)[index]
         tile_bytes = request.batch * request.itemsize * tile_values(stages[index], costs, tile)
         if room is None:
-            room = tile_bytes + request.stage_memory
+            room = tile_bytes + max(0, request.stage_memory - self._output_bytes(request))
         return max(1, int(room // max(1.0, tile_bytes)))
 
     @staticmethod
@@ -217,6 +219,13 @@ class Planner:
             out.append(2 * request.batch * per_pixel * map_size[0] * map_size[1] * request.itemsize)
         return out
 
+    def _output_bytes(self, request: PlanRequest) -> int:
+        """Bytes of the stitched output map with its gradient (held beside every stage's tiles)."""
+        whole = self.stages(())[0]
+        per_pixel = self.costs([whole], request.channels)[0][whole.graph.output].elements_per_pixel
+        height, width = self.geometry.output_size(request.image_size)
+        return 2 * request.batch * per_pixel * height * width * request.itemsize
+
     def _auto_cuts(self, request: PlanRequest) -> list[int]:
         """Deepest candidate cuts whose kept maps (and their gradients) fit ``stage_memory``."""
         candidates = self.candidates
@@ -225,7 +234,7 @@ class Planner:
         stages = self.stages(tuple(candidates))
         kept_bytes = self._map_bytes(stages, self.costs(stages, request.channels), request)
         chosen: list[int] = []
-        used = 0
+        used = self._output_bytes(request)
         for cut, need in reversed(list(zip(candidates, kept_bytes))):
             if used + need > request.stage_memory:
                 break

@@ -5,8 +5,9 @@ trunk in overlap (435 px for ResNet-18). Cutting the trunk into stages, keeping 
 stitched output map, and streaming each stage separately makes each stage pay only its own
 small receptive field, so overlap (and recompute) nearly vanishes. The price is memory: each
 kept map (and its gradient, in the backward) grows with the image area. ``stages="auto"``
-keeps the deepest (smallest) maps that fit ``stage_memory`` bytes (by default 1 GiB, or a
-sixteenth of a GPU's memory when that is more: :func:`default_stage_memory`); ``stages=[...]``
+keeps the deepest (smallest) maps that fit ``stage_memory`` bytes beside the trunk's stitched
+output map and its gradient (by default 1.25 GiB, or a sixteenth of a GPU's memory when that is
+more: :func:`default_stage_memory`); ``stages=[...]``
 names the cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
 
 Each stage gets its own tile, sized so that one tile of any stage needs about as much memory
@@ -31,7 +32,7 @@ from .geometry import Geometry, TilePlan
 from .graph import TrunkGraph
 
 MIN_CUT_STRIDE = 4
-MIN_STAGE_MEMORY = 1 << 30
+MIN_STAGE_MEMORY = 5 << 28  # 1.25 GiB
 GPU_STAGE_MEMORY_FRACTION = 1 / 16
 
 __all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_size", "stage_costs",
@@ -41,9 +42,11 @@ __all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_s
 def default_stage_memory(device: torch.device) -> int:
     """Bytes the kept stage maps (and their gradients) may use when ``stage_memory="auto"``.
 
-    1 GiB, or on a CUDA device a sixteenth of its memory when that is more (5 GiB on an 80 GiB
+    1.25 GiB, or on a CUDA device a sixteenth of its memory when that is more (5 GiB on an 80 GiB
     card): the GPU holds the maps, and every further cut saves recompute (ResNet-34 at 8192² on
-    an H200: 3.1x the whole-image step with 1 GiB, 2.0x with 4 GiB).
+    an H200: 3.1x the whole-image step with 1 GiB, 2.0x with 4 GiB). It counts the stitched maps a
+    step holds besides its tiles: the kept stage maps and the trunk's output map, with their
+    gradients; what they leave is spent on fewer, larger runs (:mod:`lightstream.core.planner`).
     """
     if device.type == "cuda":
         total = torch.cuda.get_device_properties(device).total_memory

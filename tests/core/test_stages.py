@@ -21,8 +21,8 @@ def _resnet18() -> nn.Sequential:
 
 def test_auto_stages_on_resnet18_are_exact_and_every_stage_tiles() -> None:
     image = torch.randn(2, 3, 352, 320, dtype=torch.float64)
-    # stage memory for the kept maps only (float64, batch 2, with gradients): every stage tiles
-    maps = 2 * 2 * 8 * (64 * 88 * 80 + 128 * 44 * 40 + 256 * 22 * 20)
+    # stage memory for the kept maps and the output only (float64, batch 2, with gradients): every stage tiles
+    maps = 2 * 2 * 8 * (64 * 88 * 80 + 128 * 44 * 40 + 256 * 22 * 20 + 512 * 11 * 10)
     scnn = assert_streaming_exact(_resnet18(), image, tile_size=160, stages="auto", stage_memory=maps)
     plans = scnn.stage_plans(image.shape)
     assert [p.stage.name for p in plans] == ["0..3", "4..5", "6", "7"]
@@ -95,8 +95,9 @@ def test_a_larger_stage_memory_keeps_more_stage_maps_and_recomputes_less() -> No
     assert estimates[4].relative_time < 1.4 < 1.7 < estimates[1].relative_time
 
 
-def test_automatic_stage_memory_is_one_gib_on_the_cpu_and_a_sixteenth_of_a_large_gpu(monkeypatch) -> None:
-    assert StreamingCNN(_resnet34_trunk(), tile_size=2048).stage_memory_bytes == 1 << 30
+def test_automatic_stage_memory_is_one_and_a_quarter_gib_on_the_cpu_and_a_sixteenth_of_a_large_gpu(monkeypatch
+                                                                                                 ) -> None:
+    assert StreamingCNN(_resnet34_trunk(), tile_size=2048).stage_memory_bytes == 5 << 28
     assert StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory=3 << 30).stage_memory_bytes == 3 << 30
     cards = {"H200": 143771 << 20, "T4": 15360 << 20}
     monkeypatch.setattr(torch.cuda, "get_device_properties",
@@ -104,6 +105,20 @@ def test_automatic_stage_memory_is_one_gib_on_the_cpu_and_a_sixteenth_of_a_large
     current = "H200"
     assert default_stage_memory(torch.device("cuda")) == (143771 << 20) // 16  # 8.8 GiB
     current = "T4"
-    assert default_stage_memory(torch.device("cuda")) == 1 << 30  # never below 1 GiB
+    assert default_stage_memory(torch.device("cuda")) == 5 << 28  # never below 1.25 GiB
     with pytest.raises(TypeError, match="stage_memory must be a number of bytes"):
         StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory="4 GiB")
+
+
+def test_a_cpu_step_returns_the_heap_pages_of_each_finished_stage(monkeypatch) -> None:
+    import lightstream.core.execution as execution
+
+    calls = []
+    monkeypatch.setattr(execution, "release_host_memory", lambda: calls.append(len(calls)))
+    trunk = _resnet18().float()
+    scnn = StreamingCNN(trunk, tile_size=160, stages=[4, 6, 7])
+    image = torch.randn(1, 3, 256, 256)
+    fmap = scnn(image)
+    assert len(calls) == 4  # after each of the four stages' forward
+    scnn.backward(image, torch.ones_like(fmap))
+    assert len(calls) == 8  # and after each stage's backward
