@@ -31,7 +31,8 @@ from .ops import Crop, OpCall
 from .randomness import SeededDraws, random_reason
 from .window import AxisGeometry, Window, WindowCut
 
-__all__ = ["TrunkGraph", "Step", "Span", "WindowCut", "AxisSchedule", "TileOutput", "crop_to", "module_device", "parameter_dtype"]
+__all__ = ["AxisSchedule", "Span", "Step", "TileOutput", "TrunkGraph", "WindowCut", "crop_to", "module_device",
+           "parameter_dtype"]
 
 Span = tuple[int, int]
 """A half-open interval ``[lo, hi)`` of rows or columns in one layer's full feature map."""

@@ -27,7 +27,7 @@ import functools
 import os
 import re
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Self
@@ -56,7 +56,7 @@ def release_host_memory() -> None:
 
 
 @functools.cache
-def _malloc_trim() -> "ctypes._CFuncPtr | None":
+def _malloc_trim() -> Callable[[int], int] | None:
     try:
         return ctypes.CDLL(None).malloc_trim
     except (AttributeError, OSError):
