@@ -391,8 +391,14 @@ class TrunkGraph:
     def _run_window(self, step: Step, x: torch.Tensor, cuts: tuple[WindowCut, WindowCut],
                     lookup: Callable[[fx.Node], Any], hooks: bool) -> torch.Tensor:
         rows, cols = cuts
-        x = _pad(x, (2, 3), [(rows.pad - rows.start, rows.start + rows.length - x.shape[2]),
-                             (cols.pad - cols.start, cols.start + cols.length - x.shape[3])])
+        pads = [(rows.pad - rows.start, rows.start + rows.length - x.shape[2]),
+                (cols.pad - cols.start, cols.start + cols.length - x.shape[3])]
+        # A crop of the operand is a view: the window op saves what it reads for its backward,
+        # and a copy would be saved beside the operand that the previous op saved.
+        if rows.pad or cols.pad:
+            x = _pad(x, (2, 3), pads)
+        elif any(before or after for before, after in pads):
+            x = _CropView.apply(x, pads)
         source = self.steps[step.inputs[0]].node
         y = self._call(step.node, step.target, lambda n: x if n is source else lookup(n), hooks)
         return _pad(y, (2, 3), [(-rows.first, rows.first + rows.out[1] - rows.out[0] - y.shape[2]),
@@ -447,6 +453,25 @@ def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], d
             ) -> torch.Tensor:
     """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (``want`` within ``have``)."""
     return _pad(x, dims, [(have[a][0] - want[a][0], want[a][1] - have[a][1]) for a in range(2)])
+
+
+class _CropView(torch.autograd.Function):
+    """Rows and columns of a ``[B, C, H, W]`` tensor cut by ``pads`` (``(before, after)`` per axis,
+    none positive) as one view, whose backward is one zero-padding op (a crop's recorded slices
+    would write a zero-filled copy of the whole tensor per axis). Only for an operand that no
+    later op changes in place: here, the input of a window op."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
+        (top, bottom), (left, right) = pads
+        ctx.flat = (-left, -right, -top, -bottom)
+        stride = x.stride()
+        size = (x.shape[0], x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right)
+        return x.as_strided(size, stride, x.storage_offset() - top * stride[2] - left * stride[3])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
+        return F.pad(grad, ctx.flat), None
 
 
 def _pad(x: torch.Tensor, dims: tuple[int, int], pads: list[tuple[int, int]]) -> torch.Tensor:

@@ -56,9 +56,13 @@ def test_margins_are_cropped_once_they_would_exceed_an_eighth_of_the_tile() -> N
     assert margins == [2, 4, 0, 2, 0, 2]
     image = torch.randn(1, 2, 64, 64, dtype=torch.float64)
     trunk = trunk.double()
-    out = graph.run(image[:, :, 8:40], (8, 40), (0, 64), sizes)
+    out = graph.run(image[:, :, 8:40].requires_grad_(), (8, 40), (0, 64), sizes)
     assert out.exact == ((14, 34), (0, 64))
     torch.testing.assert_close(out.exact_value, trunk(image)[:, :, 14:34], rtol=0, atol=1e-12)
+    # the two crops are views of the convolutions' operands (nothing copied beside what autograd
+    # saved), each recorded as one operation whose backward is one zero-padding
+    nodes = _autograd_nodes(out.value)
+    assert sum("_CropViewBackward" in n for n in nodes) == 2 and not [n for n in nodes if "Slice" in n]
 
 
 def test_an_op_that_can_make_margins_infinite_gets_exact_operands_and_exact_gradients() -> None:
