@@ -29,6 +29,7 @@ from .errors import UnsupportedLayerError
 from .op_table import lookup, random_draw, resolve
 from .ops import Crop, OpCall
 from .randomness import SeededDraws, random_reason
+from .source import region
 from .window import AxisGeometry, Window, WindowCut
 
 __all__ = ["AxisSchedule", "Span", "Step", "TileOutput", "TrunkGraph", "WindowCut", "crop_to", "module_device",
@@ -425,10 +426,12 @@ def _margin_cut(window: AxisGeometry, held: Span, exact: Span, exact_out: Span, 
     positions: on all of it, keeping the margins, unless they would grow past :data:`MAX_MARGIN`
     or the window is not a plain :class:`~lightstream.core.window.Window` (then cropped to
     ``exact_out``, its exact outputs, of ``m``)."""
-    eager = window.cut(*exact, n)
-    eager = WindowCut(eager.start + exact[0] - held[0], eager.length, eager.pad, eager.first, eager.out)
+    def eager() -> WindowCut:
+        cut = window.cut(*exact, n)
+        return WindowCut(cut.start + exact[0] - held[0], cut.length, cut.pad, cut.first, cut.out)
+
     if not isinstance(window, Window) or exact_out[1] <= exact_out[0]:
-        return eager
+        return eager()
     stride, (lo, hi) = window.stride, held
     need = window.needed_in(*exact_out, n)
     aligned_up = -(-lo // stride) * stride
@@ -445,13 +448,19 @@ def _margin_cut(window: AxisGeometry, held: Span, exact: Span, exact_out: Span, 
     out_hi = min(m, out_lo + outputs)
     margin = (out_hi - out_lo) - (exact_out[1] - exact_out[0])
     if out_lo > exact_out[0] or out_hi < exact_out[1] or margin > MAX_MARGIN * (out_hi - out_lo):
-        return eager
+        return eager()
     return WindowCut(start, length, pad, 0, (out_lo, out_hi))
 
 
 def crop_to(x: torch.Tensor, have: tuple[Span, Span], want: tuple[Span, Span], dims: tuple[int, int] = (2, 3)
             ) -> torch.Tensor:
-    """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (``want`` within ``have``)."""
+    """Cut ``x``, which holds rows and columns ``have`` of a map, down to ``want`` (``want`` within
+    ``have``): a view when autograd records nothing (the forward's tiles), else one ``F.pad``."""
+    if have == want:
+        return x
+    if not torch.is_grad_enabled() and dims == (2, 3):
+        return region(x, slice(want[0][0] - have[0][0], want[0][1] - have[0][0]),
+                      slice(want[1][0] - have[1][0], want[1][1] - have[1][0]))
     return _pad(x, dims, [(have[a][0] - want[a][0], want[a][1] - have[a][1]) for a in range(2)])
 
 
@@ -465,9 +474,7 @@ class _CropView(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, pads: list[tuple[int, int]]) -> torch.Tensor:
         (top, bottom), (left, right) = pads
         ctx.flat = (-left, -right, -top, -bottom)
-        stride = x.stride()
-        size = (x.shape[0], x.shape[1], x.shape[2] + top + bottom, x.shape[3] + left + right)
-        return x.as_strided(size, stride, x.storage_offset() - top * stride[2] - left * stride[3])
+        return region(x, slice(-top, x.shape[2] + bottom), slice(-left, x.shape[3] + right))
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
