@@ -51,7 +51,8 @@ def make_step(trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, config
             return trunk(normalise(image))
     else:
         engine = StreamingCNN(trunk, tile_size=config["tile"], mean=MEAN, std=STD)
-        engine.stage_plans(image.shape)  # plan outside the timed steps
+        for plan in engine.stage_plans(image.shape):  # plan outside the timed steps
+            assert plan.batches and plan.forward_batches
 
         def trunk_output() -> torch.Tensor:
             return engine.forward_autograd(image)

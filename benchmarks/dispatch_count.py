@@ -63,7 +63,11 @@ def main() -> None:
     scnn = StreamingCNN(trunk, tile_size=args.tile, **options)
     image = torch.empty(1, 3, args.size, args.size, device="meta")
     for plan in scnn.stage_plans(image.shape):  # planned outside the count
-        print(f"stage {plan.stage.name}: tile {plan.tile_size[0]}, {len(plan.plan)} tiles in {len(plan.batches)} runs")
+        forward = plan.forward_plan
+        own = "" if forward is None else (f"; forward: tile {forward.tile_size[0]}x{forward.tile_size[1]}, "
+                                          f"{len(forward)} tiles in {len(plan.forward_batches)} runs")
+        print(f"stage {plan.stage.name}: tile {plan.tile_size[0]}x{plan.tile_size[1]}, {len(plan.plan)} tiles in "
+              f"{len(plan.batches)} runs{own}")
     totals = {}
     for mode, fmap in (("whole", lambda: trunk(image)), ("streamed", lambda: scnn.forward_autograd(image))):
         with DispatchCounter() as ops:

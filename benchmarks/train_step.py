@@ -107,7 +107,8 @@ def worker(args: argparse.Namespace) -> None:
     image = make_image(args.size[0], args.device, args.channels_last, args.input)
     engines = engines_for(trunk, args.tile, args.input) if args.worker.startswith("streamed") else {}
     if args.worker in engines:
-        engines[args.worker].stage_plans(image.shape)  # plan outside the measured step
+        for plan in engines[args.worker].stage_plans(image.shape):  # plan outside the measured step
+            assert plan.batches and plan.forward_batches
     if args.warmup:  # a first step compiles kernels and fills caches: measure the second one
         timed_step(args.worker, trunk, head, image, args, engines)
         trunk.zero_grad(set_to_none=True)

@@ -9,6 +9,12 @@ from torch import nn
 from lightstream import StreamingCNN
 
 
+@pytest.fixture
+def gpu_planning(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Plan as on a GPU while running on the CPU: spare stage memory buys larger runs and batches."""
+    monkeypatch.setattr("lightstream.core.engine.spends_spare_memory", lambda device: True)
+
+
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
     """``|a - e| / |e|`` in the Frobenius norm (0 when both are zero)."""
     scale = expected.norm().item()

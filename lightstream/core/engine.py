@@ -28,7 +28,7 @@ from .execution import Executor
 from .geometry import Geometry, TilePlan
 from .graph import module_device, parameter_dtype
 from .inputs import Autocast, Normaliser, NormaliserCache, TilePreparer
-from .planner import Planner, PlanRequest, StreamPlan, TraceCache
+from .planner import Planner, PlanRequest, StreamPlan, TraceCache, spends_spare_memory
 from .record import ForwardRecord, StaleForwardError
 from .source import ImageSource, as_source
 from .stages import StagePlan, default_stage_memory
@@ -163,7 +163,8 @@ class StreamingCNN(nn.Module):
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
         itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, stages,  # type: ignore[arg-type]
-                              self.stage_memory_bytes, tile_batch)
+                              self.stage_memory_bytes, tile_batch, TimeModel.for_device(self.device),
+                              spends_spare_memory(self.device))
         return self.planner.plan(request)
 
     def stage_plans(self, image_shape: Sequence[int], dtype: torch.dtype | None = None) -> list[StagePlan]:
@@ -191,7 +192,9 @@ class StreamingCNN(nn.Module):
         return estimate_step([(p.stage.graph, p.plan, c) for p, c in zip(plan.stages, costs)],
                              plan.request.batch, plan.request.itemsize,
                              time_model or TimeModel.for_device(self.device), [p.tile_batch for p in plan.stages],
-                             per_tile_loss=per_tile_loss)
+                             per_tile_loss=per_tile_loss,
+                             forward_plans=[None if p.forward_plan is None else (p.forward_plan, p.forward_tile_batch)
+                                            for p in plan.stages])
 
     @property
     def output_stride(self) -> tuple[int, int]:

@@ -19,8 +19,9 @@ The memory model, in values per image of the batch:
 Parameter gradients add twice the parameters (the accumulated gradient and one tile's).
 
 The time model, relative to the whole-image step: multiply-adds (a streamed stage runs its tiles
-twice, forward and again with the backward: 4 units of work to the whole image's 3; a stage of
-one tile keeps its graph and runs once), plus what :class:`TimeModel` charges for *fresh memory*:
+twice, forward and again with the backward: 4 units of work to the whole image's 3, the forward's
+unit over its own, larger tiles where it has them; a stage of one tile keeps its graph and runs
+once), plus what :class:`TimeModel` charges for *fresh memory*:
 on a CPU with glibc's allocator every tensor of 32 MiB or more is mapped afresh by the operating
 system on each allocation (page faults, zeroed pages), so a whole image, whose activations are all
 that large, pays for each of them, and 1024-px tiles hardly at all. A GPU's caching allocator
@@ -31,7 +32,7 @@ from __future__ import annotations
 
 import contextlib
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import torch
@@ -41,7 +42,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 from .geometry import TilePlan
 from .graph import TrunkGraph, module_device, parameter_dtype
 
-__all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks"]
+__all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks", "pass_time"]
 
 GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 CPU_FRESH_MEMORY_COST = 50.0
@@ -227,6 +228,15 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh
         whole_fresh=_fresh(values, areas.values(), fresh_threshold))
 
 
+def pass_time(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], time_model: TimeModel,
+              bytes_per_value: int) -> float:
+    """Time of one forward over ``plan``'s tiles in :class:`TimeModel` units: its multiply-adds
+    plus what the model charges for the fresh memory of its outputs (``bytes_per_value``: bytes of
+    one value of every image of the batch)."""
+    stage = _stage_pass(graph, plan, costs, time_model.fresh_memory_threshold / bytes_per_value)
+    return stage.tile_work + time_model.fresh_memory_cost * stage.tile_fresh * bytes_per_value
+
+
 def _batched(stage: _StagePass, tiles: int) -> _StagePass:
     """A stage pass whose runs hold ``tiles`` tiles at once."""
     return replace(stage, tile_forward=tiles * stage.tile_forward, tile_backward=tiles * stage.tile_backward)
@@ -241,22 +251,33 @@ def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
                ) -> tuple[float, float, float]:
     """Forward peak, backward peak and saved values of one pass with the given step areas.
 
-    The backward runs the steps in reverse: when step ``i`` runs, the values saved by the steps
-    up to ``i`` are still held, plus the gradients of its output and of its input.
+    The forward without a graph holds, when step ``i`` runs, its output and every earlier output a
+    later step still reads (a residual block's identity beside its branch). The backward runs the
+    steps in reverse: when step ``i`` runs, the values saved by the steps up to ``i`` are still
+    held, plus the gradients of its output and of its input.
     """
+    last_read = {j: i for i in areas for j in graph.steps[i].inputs}
+    live: dict[int, float] = {}
     held = forward = backward = 0.0
     for index, area in areas.items():
         out = costs[index].elements_per_pixel * area
         inputs = max((costs[j].elements_per_pixel * areas.get(j, 0) for j in graph.steps[index].inputs), default=0)
         held += costs[index].saved_per_pixel * area
-        forward = max(forward, out + inputs)
+        live[index] = out
+        forward = max(forward, sum(live.values()))
         backward = max(backward, held + out + inputs)
+        for j in graph.steps[index].inputs:
+            if last_read.get(j) == index:
+                live.pop(j, None)
+        if index not in last_read and index != graph.output:  # read by no spatial step
+            live.pop(index, None)
     return forward, backward, held
 
 
 def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], batch_size: int = 1,
                   bytes_per_value: int = 4, time_model: TimeModel | None = None,
-                  tile_batches: list[int] | None = None, per_tile_loss: bool = False) -> StepEstimate:
+                  tile_batches: list[int] | None = None, per_tile_loss: bool = False,
+                  forward_plans: Sequence[tuple[TilePlan, int] | None] | None = None) -> StepEstimate:
     """Predict time ratio and memory of a streamed step (see :class:`StepEstimate`).
 
     ``stages`` lists, per streamed stage, its graph, tile plan and layer costs; a trunk
@@ -264,12 +285,16 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     run holds (default 1; a batch of ``k`` tiles holds ``k`` tiles' values). ``time_model`` defaults to multiply-adds only
     (``StreamingCNN.estimate`` passes its device's :meth:`TimeModel.for_device`).
     ``per_tile_loss``: a ``stream_loss`` step (one stage; each tile's backward follows its forward
-    with the graph kept, and no output map is stitched).
+    with the graph kept, and no output map is stitched). ``forward_plans``: per stage, the tile
+    plan of its forward without a graph and the most tiles one of its runs holds, where they are
+    not the stage's own (``StagePlan.forward_plan``); ``None`` for the others.
     """
     time_model = time_model or TimeModel()
     threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
     passes = [_batched(_stage_pass(graph, plan, costs, threshold), k)
               for (graph, plan, costs), k in zip(stages, tile_batches or [1] * len(stages))]
+    forwards = [p if fwd is None else _batched(_stage_pass(graph, fwd[0], costs, threshold), fwd[1])
+                for (graph, _, costs), p, fwd in zip(stages, passes, forward_plans or [None] * len(stages))]
     whole_output = passes[-1].output_map
     if per_tile_loss:
         if len(passes) != 1:
@@ -281,7 +306,7 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     held_graphs = [p.tile_saved if keep else 0.0 for p, keep in zip(passes, keeps_graph)]
 
     peak = 0.0
-    for k, p in enumerate(passes):  # forward: maps so far, earlier kept graphs, this tile
+    for k, p in enumerate(forwards):  # forward: maps so far, earlier kept graphs, this tile
         peak = max(peak, sum(maps[:k + 1]) + sum(held_graphs[:k]) + max(p.tile_forward, held_graphs[k]))
     for k in range(len(passes) - 1, -1, -1):  # backward, last stage first
         grads = (maps[k] if k < len(passes) - 1 else 0.0) + (maps[k - 1] if k > 0 else 0.0)
@@ -290,13 +315,14 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
 
     # Fresh memory: every output once per pass and its gradient once (a streamed stage's tiles
     # run twice), each stitched map and its gradient; the whole image: outputs and gradients.
-    fresh = sum(p.tile_fresh * (2 if keep else 3) + (2 * p.output_map if p.output_map >= threshold else 0.0)
-                for p, keep in zip(passes, keeps_graph)) * bytes_per_value
+    fresh = sum(2 * p.tile_fresh + (0.0 if keep else f.tile_fresh)
+                + (2 * p.output_map if p.output_map >= threshold else 0.0)
+                for p, f, keep in zip(passes, forwards, keeps_graph)) * bytes_per_value
     whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
     whole_work = sum(p.whole_work for p in passes)
     work = sum(p.tile_work for p in passes)
-    time = sum(p.tile_work * (3 if keep else 4) for p, keep in zip(passes, keeps_graph))
+    time = sum(3 * p.tile_work + (0.0 if keep else f.tile_work) for p, f, keep in zip(passes, forwards, keeps_graph))
     time += time_model.fresh_memory_cost * fresh
     whole_time = 3 * whole_work + time_model.fresh_memory_cost * whole_fresh
     whole = whole_output + max(sum(p.whole_saved for p in passes[:k]) + passes[k].whole_backward

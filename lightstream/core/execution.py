@@ -1,7 +1,10 @@
 """Executing a :class:`~lightstream.core.planner.StreamPlan`: tiled forward and backward.
 
-Forward: every tile of a stage's plan runs the stage without an autograd graph and writes the
-feature-map pixels it owns into the stitched map, stage after stage.
+Forward: every tile of a stage's forward plan runs the stage without an autograd graph and writes
+the feature-map pixels it owns into the stitched map, stage after stage. Such a run saves nothing
+for a backward, so a stage's forward may run larger tiles than its backward in the same memory
+(:attr:`~lightstream.core.stages.StagePlan.forward_plan`); a lazy image (a slide on disk) is still
+read in the user's tiles.
 
 Backward: every tile runs again, this time with a graph, and receives the slice of the output
 gradient for the pixels it owns. A tile computes its pixels as exactly the same function of the
@@ -96,7 +99,8 @@ class Executor:
                 y = self._run_batch(stage_plan, batch, x)
             return y.detach(), TileGraph(batch.lead, leaf, y)
         out: torch.Tensor | None = None
-        for batch, raw in self._load_batches(source, stage_plan.batches, "forward"):
+        batches = stage_plan.forward_runs(isinstance(source, TensorSource))
+        for batch, raw in self._load_batches(source, batches, "forward"):
             y = self._run_batch(stage_plan, batch, self.prepare(raw, first)[1])
             if out is None:
                 out = y.new_empty((y.shape[0] // len(batch), y.shape[1], *stage_plan.plan.output_size))

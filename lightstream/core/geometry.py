@@ -242,6 +242,22 @@ class Geometry:
         operands = [(self.graph.steps[i].path, sizes[i]) for i in step.inputs]
         raise ImageSizeError(step.path, image_size, operands, (suggestion[0], suggestion[1]))
 
+    def tiles_along(self, image_size: tuple[int, int], axis: int, tile: int) -> tuple[int, int] | None:
+        """How many tiles of ``tile`` pixels along ``axis`` cover ``image_size``, and the pixels they
+        read together along it (overlaps counted per tile); ``None`` when the tile is too short."""
+        sizes = self.graph.sizes(*image_size)
+        spans = self._axis_plan(axis, sizes[self.graph.output][axis], tile, sizes)
+        return None if spans is None else (len(spans), sum(b - a for (a, b), _ in spans))
+
+    def tile_length(self, image_size: tuple[int, int], axis: int, tiles: int) -> int:
+        """The shortest tile along ``axis`` with which ``tiles`` tiles cover ``image_size`` (the
+        longest input span of ``tiles`` even cells of the output; fewer may then do)."""
+        sizes = self.graph.sizes(*image_size)
+        length = sizes[self.graph.output][axis]
+        bounds = [length * i // tiles for i in range(tiles + 1)]
+        spans = (self.graph.needed_span(cell, axis, sizes) for cell in itertools.pairwise(bounds) if cell[1] > cell[0])
+        return max(b - a for a, b in spans)
+
     def _axis_plan(self, axis: int, length: int, tile: int, sizes: list[tuple[int, int]]
                    ) -> tuple[tuple[Span, Span], ...] | None:
         """Cells along one axis: the fewest that fit the tile, as equal in size as they fit."""

@@ -4,15 +4,20 @@ The pipeline is *trunk → trace → plan → execute*. A :class:`Planner` holds
 (its :class:`~lightstream.core.graph.TrunkGraph` and :class:`~lightstream.core.geometry.Geometry`)
 and turns a :class:`PlanRequest` — image shape, tile size, stage policy, stage memory — into a
 :class:`StreamPlan`: the stages, each with its tile size, tile plan and how many of its tiles may
-run as one batch. The ``stage_memory`` the stitched maps (kept stage maps and the trunk's output,
-with their gradients) leave over is spent on fewer runs of the
-trunk's steps (on a GPU, each op of a run is a kernel launch): the deepest stages whose whole maps
-fit run as one tile and keep their graph for the backward (no recompute), the other later stages
-get larger tiles, and tiles of equal shape run as one batch (``tile_batch="auto"``), so that one
-run never holds more than one tile of the user's size plus that spare memory. The cost model (values
-and multiply-adds per pixel of every step, by default measured by a shape-only probe,
-:func:`~lightstream.core.stages.stage_costs`) is an argument of the planner, because it decides
-which stage maps are kept and how large later stages' tiles are. The engine only executes plans.
+run as one batch. On a GPU, where each op of a run is a kernel launch, the ``stage_memory`` the
+stitched maps (kept stage maps and the trunk's output, with their gradients) leave over is spent
+on fewer runs of the trunk's steps: the deepest stages whose whole maps fit run as one tile and
+keep their graph for the backward (no recompute), the other later stages get the tile shapes that
+need the fewest runs (full-width bands where few tiles cross the map), and tiles of equal shape
+run as one batch (``tile_batch="auto"``), so that one run never holds more than one tile of the
+user's size plus that spare memory. On the CPU fewer runs are not faster, so no run holds more
+than one tile of the user's size there, and tile shapes are chosen for the least overlap. A
+stage streamed in several tiles also gets a plan of its own for the forward, which keeps no graph:
+larger tiles in the same memory (fewer runs, less overlap), chosen by the device's time model.
+The cost model (values and multiply-adds per pixel of every step, by default measured by a
+shape-only probe, :func:`~lightstream.core.stages.stage_costs`) is an argument of the planner,
+because it decides which stage maps are kept and how large later stages' tiles are. The engine
+only executes plans.
 
 A trace bakes in what the trunk's modules were when it was made: which modules, their train/eval
 modes, their plain attributes (a convolution's ``stride``, a user module's flags) and which
@@ -23,20 +28,32 @@ so changing any of it traces the trunk again instead of running a stale graph.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
+import torch
 from torch import nn
 
 from .checks import StagePolicy
-from .estimate import LayerCost
+from .estimate import LayerCost, TimeModel, pass_time
 from .geometry import Geometry, TilePlan
 from .graph import TrunkGraph
-from .stages import Stage, StagePlan, candidate_cuts, split_stages, stage_costs, stage_tile_size, tile_values
+from .stages import (
+    Stage,
+    StagePlan,
+    candidate_cuts,
+    forward_values,
+    split_stages,
+    stage_costs,
+    stage_tile_size,
+    tile_areas,
+    tile_values,
+)
 
-__all__ = ["CostModel", "PlanRequest", "Planner", "StreamPlan", "TraceCache", "trace_key"]
+__all__ = ["CostModel", "PlanRequest", "Planner", "StreamPlan", "TraceCache", "spends_spare_memory", "trace_key"]
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +75,13 @@ class PlanRequest:
     stages: StagePolicy
     stage_memory: int
     tile_batch: int | str = "auto"
+    time_model: TimeModel = TimeModel()  # noqa: RUF009 (frozen: one shared default is safe)
+    """The device's costs, which choose the forward's tiles (:meth:`Planner._forward_tiles`)."""
+    spend_spare: bool = True
+    """Whether what the stitched maps leave of ``stage_memory`` buys larger runs. On a GPU each op
+    of a run is a kernel launch, so fewer runs are faster; on the CPU they are not (the work is
+    the same and larger tensors cost fresh pages), so there every run holds at most one tile of
+    the user's size and the step's memory stays set by the tile (:func:`spends_spare_memory`)."""
 
 
 @dataclass(frozen=True)
@@ -137,7 +161,11 @@ class Planner:
             stage = self.stages(())[0]
             plan = stage.geometry.plan(request.image_size, request.tile_size)
             limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, None)
-            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit),))
+            costs = self.costs([stage], request.channels)[0]
+            room = tile_values(stage, costs, request.tile_size) * request.batch * request.itemsize
+            room += max(0, request.stage_memory - self._output_bytes(request)) if request.spend_spare else 0
+            forward = partial(self._forward_tiles, request, stage, costs, request.image_size, plan, room)
+            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit, forward),))
         cuts = self._auto_cuts(request) if request.stages == "auto" else request.stages
         stages = self.stages(tuple(cuts))  # type: ignore[arg-type]
         costs = self.costs(stages, request.channels)
@@ -145,7 +173,7 @@ class Planner:
         per_value = request.batch * request.itemsize
         budget = tile_values(whole, self.costs([whole], request.channels)[0], request.tile_size)
         held = sum(self._map_bytes(stages, costs, request)) + self._output_bytes(request)
-        spare = max(0.0, request.stage_memory - held) / per_value
+        spare = max(0.0, request.stage_memory - held) / per_value if request.spend_spare else 0.0
         sizes = [request.image_size]
         for stage in stages[:-1]:
             sizes.append(stage.geometry.output_size(sizes[-1]))
@@ -186,15 +214,52 @@ class Planner:
             elif index >= first_kept:
                 tile = (max(sizes[index][0], 1), max(sizes[index][1], 1))
             else:
-                tile = stage_tile_size(stage, stage_cost, room, sizes[index])
+                tile = stage_tile_size(stage, stage_cost, room, sizes[index], fewest_runs=request.spend_spare)
             plan = stage.geometry.plan(sizes[index], tile)
             values = tile_values(stage, stage_cost, tile)
             if check and index > 0 and held + values > limit:
                 return None
-            limit_batch = partial(self._tile_batch, request, stages, index, tile, max(values, limit - held) * per_value)
-            plans.append(StagePlan(stage, tile, plan, limit_batch))
+            run_bytes = max(values, limit - held) * per_value  # what one run may hold
+            limit_batch = partial(self._tile_batch, request, stages, index, tile, run_bytes)
+            forward = partial(self._forward_tiles, request, stage, stage_cost, sizes[index], plan, run_bytes)
+            plans.append(StagePlan(stage, tile, plan, limit_batch, forward))
             held += values if len(plan) == 1 else 0.0
         return plans
+
+    def _forward_tiles(self, request: PlanRequest, stage: Stage, costs: list[LayerCost], size: tuple[int, int],
+                       plan: TilePlan, room: float) -> tuple[TilePlan | None, int]:
+        """The forward's own tiles for a stage streamed in several tiles, and how many one run holds.
+
+        A forward without a graph saves nothing, so ``room`` bytes hold a larger tile than the
+        backward's: fewer runs and less overlap. Of the fewest tiles that fit, the fewest whose
+        outputs stay below the time model's fresh-memory threshold, and the backward's own tiles,
+        the fastest by the time model wins (on the CPU a tile past glibc's mmap threshold pays for
+        fresh pages; a GPU counts multiply-adds). ``(None, 1)``: the backward's tiles, or
+        ``tile_batch`` set by hand (then every run holds the tiles the user asked for).
+        """
+        if len(plan) == 1 or request.tile_batch != "auto":
+            return None, 1
+        per_value = request.batch * request.itemsize
+        model = request.time_model
+        threshold = model.fresh_memory_threshold / per_value
+
+        def below_threshold(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
+            areas = tile_areas(stage, tile)
+            if any(costs[i].elements_per_pixel * area >= threshold for i, area in areas.items()):
+                return math.inf
+            return forward_values(stage, costs, tile)
+
+        choices: dict[tuple[int, int], TilePlan] = {plan.tile_size: plan}
+        for values in (forward_values, below_threshold):
+            tile = stage_tile_size(stage, costs, room / per_value, size, values, request.spend_spare)
+            if values(stage, costs, tile) <= room / per_value and tile not in choices:
+                choices[tile] = stage.geometry.plan(size, tile)
+        best = min(choices.values(),
+                   key=lambda p: (pass_time(stage.graph, p, costs, model, per_value), len(p)))
+        if len(best) >= len(plan):
+            return None, 1
+        tile_bytes = max(1.0, forward_values(stage, costs, best.tile_size) * per_value)
+        return best, max(1, int(room // tile_bytes))
 
     def _tile_batch(self, request: PlanRequest, stages: list[Stage], index: int, tile: tuple[int, int],
                     room: float | None) -> int:
@@ -206,7 +271,8 @@ class Planner:
         costs = self.costs(stages, request.channels)[index]
         tile_bytes = request.batch * request.itemsize * tile_values(stages[index], costs, tile)
         if room is None:
-            room = tile_bytes + max(0, request.stage_memory - self._output_bytes(request))
+            spare = request.stage_memory - self._output_bytes(request) if request.spend_spare else 0
+            room = tile_bytes + max(0, spare)
         return max(1, int(room // max(1.0, tile_bytes)))
 
     @staticmethod
@@ -254,6 +320,11 @@ class Planner:
                            "tile %s is smaller than the first stage's receptive field", chosen[0], tile)
             field = self.stages(tuple(chosen))[0].geometry.receptive_field
         return chosen
+
+
+def spends_spare_memory(device: torch.device) -> bool:
+    """Whether plans for ``device`` spend spare stage memory on larger runs (see :class:`PlanRequest`)."""
+    return device.type != "cpu"
 
 
 def _step_runs(plans: list[StagePlan]) -> int:

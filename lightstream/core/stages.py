@@ -11,8 +11,9 @@ more: :func:`default_stage_memory`); ``stages=[...]``
 names the cut points; ``stages=None`` streams the trunk as one stage (memory flat in image size).
 
 Each stage gets its own tile, sized so that one tile of any stage needs about as much memory
-as one tile of the first stage at the user's tile size, plus what the kept maps leave of
+as one tile of the first stage at the user's tile size, plus on a GPU what the kept maps leave of
 ``stage_memory`` (:mod:`lightstream.core.planner`): memory stays set by the tile and ``stage_memory``.
+A stage's forward, which keeps no graph, may run larger tiles in that memory (:class:`StagePlan`).
 """
 
 from __future__ import annotations
@@ -34,9 +35,10 @@ from .graph import TrunkGraph
 MIN_CUT_STRIDE = 4
 MIN_STAGE_MEMORY = 5 << 28  # 1.25 GiB
 GPU_STAGE_MEMORY_FRACTION = 1 / 16
+MAX_BANDS = 4
 
 __all__ = ["Stage", "StagePlan", "split_stages", "candidate_cuts", "stage_tile_size", "stage_costs",
-           "tile_values", "default_stage_memory"]
+           "tile_values", "forward_values", "tile_areas", "default_stage_memory"]
 
 
 def default_stage_memory(device: torch.device) -> int:
@@ -76,11 +78,43 @@ class StagePlan:
     plan: TilePlan
     batch_limit: Callable[[], int] = field(default=lambda: 1, compare=False, repr=False)
     """The most tiles one run may hold (called once, when the batches are first needed)."""
+    forward_tiles: Callable[[], tuple[TilePlan | None, int]] = field(default=lambda: (None, 1), compare=False,
+                                                                     repr=False)
+    """The forward's own tile plan and the most of its tiles one run may hold (called once, when
+    first needed): see :attr:`forward_plan`."""
 
     @cached_property
     def batches(self) -> tuple[TileBatch, ...]:
         """The plan's tiles in the batches that run at once."""
         return batch_tiles(self.stage.graph, self.plan, self.batch_limit())
+
+    @cached_property
+    def _forward(self) -> tuple[TilePlan | None, int]:
+        return self.forward_tiles()
+
+    @property
+    def forward_plan(self) -> TilePlan | None:
+        """The tiles of the forward without a graph, where they are larger than :attr:`plan`'s: such
+        a run holds no saved values, so the same memory holds a larger tile (fewer runs, less
+        overlap). ``None``: the forward runs :attr:`plan`'s tiles."""
+        return self._forward[0]
+
+    @cached_property
+    def forward_batches(self) -> tuple[TileBatch, ...]:
+        """The batches of the forward without a graph (of :attr:`forward_plan`, else :attr:`batches`)."""
+        plan, limit = self._forward
+        return self.batches if plan is None else batch_tiles(self.stage.graph, plan, limit)
+
+    def forward_runs(self, in_memory: bool) -> tuple[TileBatch, ...]:
+        """The batches the forward without a graph runs: :attr:`forward_batches` over an image or
+        map in memory; over a lazy source (a slide read from disk) :attr:`batches`, so that no
+        read is larger than the user's tile."""
+        return self.forward_batches if in_memory else self.batches
+
+    @property
+    def forward_tile_batch(self) -> int:
+        """The most tiles one run of the forward without a graph holds."""
+        return max(len(batch) for batch in self.forward_batches)
 
     @property
     def tile_batch(self) -> int:
@@ -127,23 +161,77 @@ def candidate_cuts(trunk: nn.Module) -> list[int]:
 
 def tile_values(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
     """Values an interior tile of ``tile`` pixels holds at the peak of its backward (per image)."""
+    return pass_peaks(stage.graph, costs, tile_areas(stage, tile))[1]
+
+
+def tile_areas(stage: Stage, tile: tuple[int, int]) -> dict[int, int]:
+    """Each spatial step's area in an interior tile of ``tile`` pixels."""
     strides = stage.geometry.strides
-    areas = {index: math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
-             for index, step in enumerate(stage.graph.steps) if step.spatial}
-    return pass_peaks(stage.graph, costs, areas)[1]
+    return {index: math.ceil(tile[0] / strides[index][0]) * math.ceil(tile[1] / strides[index][1])
+            for index, step in enumerate(stage.graph.steps) if step.spatial}
 
 
-def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_size: tuple[int, int]
-                    ) -> tuple[int, int]:
-    """The largest square-ish tile of ``stage`` whose values fit ``budget`` (>= its receptive field)."""
-    field = stage.geometry.receptive_field
-    low, high = max(field), max(max(map_size), max(field))
-    if tile_values(stage, costs, (high, high)) <= budget:
-        return (max(field[0], min(high, map_size[0])), max(field[1], min(high, map_size[1])))
-    while high - low > 1:
-        middle = (low + high) // 2
-        low, high = (middle, high) if tile_values(stage, costs, (middle, middle)) <= budget else (low, middle)
-    return (max(low, field[0]), max(low, field[1]))
+def forward_values(stage: Stage, costs: list[LayerCost], tile: tuple[int, int]) -> float:
+    """Values an interior tile of ``tile`` pixels holds at the peak of a forward without a graph."""
+    return pass_peaks(stage.graph, costs, tile_areas(stage, tile))[0]
+
+
+def stage_tile_size(stage: Stage, costs: list[LayerCost], budget: float, map_size: tuple[int, int],
+                    values: Callable[[Stage, list[LayerCost], tuple[int, int]], float] = tile_values,
+                    fewest_runs: bool = True) -> tuple[int, int]:
+    """The tile of ``stage`` whose ``values`` (by default its backward's peak, :func:`tile_values`)
+    fit ``budget`` and that covers ``map_size`` in the fewest tiles (``fewest_runs``), else with
+    the least overlap; at least its receptive field.
+
+    The candidates: the largest square tile, and for each count of tiles along one axis up to
+    ``MAX_BANDS``, the tile as short along that axis as the count allows and as long along the
+    other as the budget leaves (a full-width band is one; where more tiles cross an axis, bands
+    save little over squares). On a GPU every run is a sequence of kernel launches, so the fewest
+    tiles win, then the least area they cover together (the overlap); on the CPU the least area
+    wins, then the fewest tiles.
+    """
+    geometry = stage.geometry
+    field = geometry.receptive_field
+    full = (max(field[0], map_size[0]), max(field[1], map_size[1]))
+    along: dict[tuple[int, int], tuple[int, int]] = {}
+
+    def cover(axis: int, length: int) -> tuple[int, int]:
+        """Tiles of ``length`` along ``axis`` and the pixels they read together (0, 0: too short)."""
+        if (axis, length) not in along:
+            along[axis, length] = geometry.tiles_along(map_size, axis, length) or (0, 0)
+        return along[axis, length]
+
+    def longest(fits: Callable[[int], bool], low: int, high: int) -> int | None:
+        """The largest length in ``[low, high]`` that ``fits`` (monotone), ``None`` if none does."""
+        if not fits(low):
+            return None
+        while high - low > 1:
+            middle = (low + high) // 2
+            low, high = (middle, high) if fits(middle) else (low, middle)
+        return high if fits(high) else low
+
+    def fits_budget(tile: tuple[int, int]) -> bool:
+        return values(stage, costs, tile) <= budget
+
+    side = longest(lambda n: fits_budget((n, n)), max(field), max(full)) or max(field)
+    square = (max(field[0], min(side, full[0])), max(field[1], min(side, full[1])))
+    candidates = {square}
+    for axis in range(2):
+        other = 1 - axis
+        for n in range(1, min(cover(axis, square[axis])[0], MAX_BANDS + 1)):
+            length = max(field[axis], min(full[axis], geometry.tile_length(map_size, axis, n)))
+
+            def fits_other(m: int, length: int = length, axis: int = axis) -> bool:
+                return fits_budget((length, m) if axis == 0 else (m, length))
+            across = longest(fits_other, field[other], full[other])
+            if across is not None:
+                candidates.add((length, across) if axis == 0 else (across, length))
+
+    def cost(tile: tuple[int, int]) -> tuple[int, int]:
+        (rows, height), (cols, width) = cover(0, tile[0]), cover(1, tile[1])
+        return (rows * cols, height * width) if fewest_runs else (height * width, rows * cols)
+
+    return min(sorted(candidates), key=cost)
 
 
 def stage_costs(stages: list[Stage], in_channels: int) -> list[list[LayerCost]]:

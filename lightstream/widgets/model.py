@@ -297,7 +297,8 @@ class TileTunerModel:
         image = self._step_image()
         params = [p for p in self.trunk.parameters() if p.requires_grad]
         device = engine.device
-        counter = _TileCounter(engine.stage_plans(self.image_shape), bool(params), progress, cancel)
+        counter = _TileCounter(engine.stage_plans(self.image_shape), bool(params), progress, cancel,
+                               in_memory=isinstance(image, torch.Tensor))
         rss_before = process_rss()
         rss_peak_reset = reset_peak_rss()
         try:
@@ -442,15 +443,19 @@ def _buffer(network: StreamingCNN | None, name: str) -> torch.Tensor | None:
 class _TileCounter:
     """Counts runs of tiles through the stages with forward pre-hooks; reports progress, stops on cancel.
 
-    ``total`` is what the engine runs: each stage's batches once forward and once more for the
-    backward, except a stage of one tile that keeps its graph (see ``core/execution.py``).
+    ``total`` is what the engine runs: each stage's forward batches (larger tiles where it has
+    them and the image is in memory, ``in_memory``), and its batches again for the backward, except a stage of one tile that keeps its graph
+    (see ``core/execution.py``).
     """
 
     def __init__(self, stage_plans: Sequence[StagePlan], backward: bool,
-                 progress: Callable[[int, int], None] | None, cancel: threading.Event | None) -> None:
+                 progress: Callable[[int, int], None] | None, cancel: threading.Event | None,
+                 in_memory: bool = True) -> None:
         self.modules = [next(s.target for s in plan.stage.graph.steps if isinstance(s.target, nn.Module))
                         for plan in stage_plans]
-        self.total = sum(len(plan.batches) * (2 if backward and len(plan.plan) > 1 else 1) for plan in stage_plans)
+        self.total = sum(len(plan.forward_runs(in_memory or index > 0))
+                         + (len(plan.batches) if backward and len(plan.plan) > 1 else 0)
+                         for index, plan in enumerate(stage_plans))
         self.done = 0
         self.progress, self.cancel = progress, cancel
         self._handles: list[Any] = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -9,6 +10,8 @@ from lightstream import StreamingCNN
 from lightstream.core.stages import tile_values
 from tests.conftest import assert_streaming_exact
 from tests.core.test_tile_batching import DispatchCounter
+
+pytestmark = pytest.mark.usefixtures("gpu_planning")  # spare memory buys larger runs as on a GPU
 
 
 def _staged_trunk() -> nn.Sequential:

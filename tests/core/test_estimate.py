@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 from torchvision import models
@@ -60,6 +61,7 @@ def test_whole_image_memory_grows_with_area_and_streamed_memory_is_bounded() -> 
     assert large.stage_map_bytes == small.stage_map_bytes == 0
 
 
+@pytest.mark.usefixtures("gpu_planning")  # both spend the spare memory alike
 def test_the_estimate_and_the_automatic_stages_work_for_a_trunk_off_the_cpu() -> None:
     # the shape-only probe runs where the trunk lives; "meta" stands in for a GPU here
     def trunk() -> nn.Sequential:
@@ -67,17 +69,39 @@ def test_the_estimate_and_the_automatic_stages_work_for_a_trunk_off_the_cpu() ->
 
     shape = (1, 3, 2048, 2048)
     on_cpu, on_meta = StreamingCNN(trunk(), tile_size=512), StreamingCNN(trunk().to("meta"), tile_size=512)
-    assert [p.stage.name for p in on_meta.stage_plans(shape)] == [p.stage.name for p in on_cpu.stage_plans(shape)]
+    cpu_plans, meta_plans = on_cpu.stage_plans(shape), on_meta.stage_plans(shape)
+    assert [p.stage.name for p in meta_plans] == [p.stage.name for p in cpu_plans]
+    assert [p.plan for p in meta_plans] == [p.plan for p in cpu_plans]
     cpu, meta = (engine.estimate(shape, time_model=TimeModel.for_device(torch.device("cpu")))
                  for engine in (on_cpu, on_meta))
-    tiles = sum(len(p.plan) for p in on_cpu.stage_plans(shape))
-    assert meta.tiles == cpu.tiles == tiles > 1 and meta.relative_time == cpu.relative_time
-    assert abs(meta.peak_bytes / cpu.peak_bytes - 1) < 0.01
+    tiles = sum(len(p.plan) for p in cpu_plans)
+    assert meta.tiles == cpu.tiles == tiles > 1
+    # the forward's own tiles follow each device's time model: the CPU's pays for fresh pages
+    assert sum(len(p.forward_batches) for p in meta_plans) <= sum(len(p.forward_batches) for p in cpu_plans)
+
+
+@pytest.mark.usefixtures("gpu_planning")  # the spare memory holds the whole image's forward
+def test_a_forward_on_larger_tiles_is_estimated_on_its_own_tiles() -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    scnn = StreamingCNN(trunk, tile_size=32, stages=None)
+    stage, = scnn.stage_plans((1, 3, 64, 64))
+    assert len(stage.plan) == 9 and stage.forward_plan is not None and len(stage.forward_plan) == 1
+    output_bytes = 8 * 64 * 64 * 4
+    model = TimeModel(fresh_memory_cost=10.0, fresh_memory_threshold=output_bytes)
+    estimate = scnn.estimate((1, 3, 64, 64), time_model=model)
+    # the forward's one tile is the whole image: its three outputs are fresh, once; the backward's
+    # 32-px tiles none; the stitched map and its gradient
+    assert estimate.fresh_bytes == 3 * output_bytes + 2 * output_bytes
+    whole_macs = (8 * 3 * 9 + 8 + 8 * 8 * 9) * 64 * 64
+    streamed_macs = estimate.recompute_factor * whole_macs  # the backward's tiles
+    expected = ((whole_macs + 3 * streamed_macs + 10.0 * estimate.fresh_bytes)
+                / (3 * whole_macs + 10.0 * estimate.whole_image_fresh_bytes))
+    assert abs(estimate.relative_time - expected) <= 1e-12
 
 
 def test_fresh_memory_counts_each_output_past_the_threshold_once_per_pass() -> None:
     trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1)).eval()
-    scnn = StreamingCNN(trunk, tile_size=32, stages=None)
+    scnn = StreamingCNN(trunk, tile_size=32, stages=None, tile_batch=1)  # the forward on the same tiles
     output_bytes = 8 * 64 * 64 * 4  # each step's output over the whole 64² image
     model = TimeModel(fresh_memory_cost=10.0, fresh_memory_threshold=output_bytes)
     estimate = scnn.estimate((1, 3, 64, 64), time_model=model)

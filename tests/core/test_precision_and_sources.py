@@ -73,7 +73,9 @@ def test_lazy_uint8_source_with_normalisation_streams_exactly_like_the_tensor() 
     scnn = StreamingCNN(trunk, tile_size=26, mean=mean, std=std, saliency=True)
     source = CountingSource(pixels)
     fmap = scnn(source)
-    assert source.reads == len(scnn.plan(pixels.shape))
+    (stage,) = scnn.stage_plans(pixels.shape)
+    assert stage.forward_plan is not None and len(stage.forward_plan) < len(stage.plan)  # an image in memory's
+    assert source.reads == len(stage.plan)  # a lazy source is read in the user's tiles
     normalised = (pixels.double() - torch.tensor(mean, dtype=torch.float64).view(1, 3, 1, 1)) / \
         torch.tensor(std, dtype=torch.float64).view(1, 3, 1, 1)
     reference = trunk(normalised)
