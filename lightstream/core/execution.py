@@ -46,6 +46,9 @@ __all__ = ["Executor", "Kept", "TileGraph", "backpropagate"]
 
 logger = logging.getLogger(__name__)
 
+HEAP_SLACK = 512 << 20
+"""Free C-heap bytes after a tile batch's backward above which the CPU executor returns them."""
+
 
 @dataclass(frozen=True)
 class TileGraph:
@@ -172,6 +175,16 @@ class Executor:
             self._stage_done()
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
 
+    def _batch_done(self) -> None:
+        """After a tile batch's backward on the CPU, give the heap's free pages back once
+        ``HEAP_SLACK`` bytes sit free: large tiles' tensors fragment glibc's heap, and what one
+        tile leaves unusable would otherwise stay beside the next tile's (8192² ResNet-34 with
+        1024-px tiles: about a GiB sits free between tiles). Smaller tiles leave less (ResNet-18's
+        256-px tiles: 0.3 GiB) and run more batches, so they skip the trims and their page faults
+        (returning 0.3 GiB after each of their batches made that step 25 % slower)."""
+        if self.prepare.device.type == "cpu":
+            release_host_memory(HEAP_SLACK)
+
     def _stage_done(self) -> None:
         """Between stages on the CPU, give the heap pages the stage's tiles freed back to the system:
         the next stage's tiles have other shapes and would leave them unused beside their own."""
@@ -205,6 +218,8 @@ class Executor:
                                                                                              dtype=y.dtype)
             input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
                                        input_grad)
+            del y, g, leaf, x, raw
+            self._batch_done()
         return totals, input_grad
 
 

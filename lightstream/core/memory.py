@@ -16,7 +16,8 @@ device: the most bytes held by tensors during a block, above what tensors held w
 Process RSS (:func:`process_rss`, :func:`peak_rss`) is another quantity: it also counts the
 allocator's caching, pages of libraries touched for the first time and memory that is freed but
 not yet returned to the operating system, so it is usually far larger than the tensor peak.
-:func:`release_host_memory` returns glibc's freed heap pages between stages of a streamed step.
+:func:`release_host_memory` returns glibc's freed heap pages between stages of a streamed step, and
+between tile batches once a large part of the heap sits free.
 """
 
 from __future__ import annotations
@@ -30,35 +31,52 @@ import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import psutil
 import torch
 from torch.autograd import profiler
 
-__all__ = ["RSS_REASON", "TensorPeak", "peak_rss", "process_rss", "release_host_memory", "reset_peak_rss"]
+__all__ = ["RSS_REASON", "TensorPeak", "free_heap_bytes", "peak_rss", "process_rss", "release_host_memory",
+           "reset_peak_rss"]
 
 RSS_REASON = "process RSS also counts allocator caching and library pages"
 """Why process RSS is larger than the tensor peak, in one line (shown next to RSS figures)."""
 
 
-def release_host_memory() -> None:
-    """Return the free pages of the C heap to the operating system (glibc's ``malloc_trim``).
+def release_host_memory(min_free_bytes: int = 0) -> None:
+    """Return the free pages of the C heap to the operating system (glibc's ``malloc_trim``),
+    when at least ``min_free_bytes`` sit free in it (:func:`free_heap_bytes`).
 
     glibc keeps the pages of freed tensors below its mmap threshold (which rises to 32 MiB once
     large tensors are freed) for reuse; a streamed stage of many tiles leaves a fragmented heap
-    that the next stage, with other tile shapes, cannot reuse, so the process holds both. A no-op
-    where the C library has no ``malloc_trim`` (macOS, musl).
+    that the next stage, with other tile shapes, cannot reuse, so the process holds both. The
+    pages come back on first touch, at the cost of a page fault each. A no-op where the C
+    library has no ``malloc_trim`` (macOS, musl).
     """
-    trim = _malloc_trim()
-    if trim is not None:
+    trim = _libc_function("malloc_trim")
+    if trim is not None and (min_free_bytes <= 0 or free_heap_bytes() >= min_free_bytes):
         trim(0)
 
 
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def free_heap_bytes() -> int:
+    """Bytes the C heap holds in free chunks (glibc's ``mallinfo2().fordblks``; 0 without it)."""
+    info = _libc_function("mallinfo2")
+    if info is None:
+        return 0
+    info.restype = _MallInfo2
+    return int(info().fordblks)
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def _libc_function(name: str) -> Callable[..., Any] | None:
     try:
-        return ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError):
         return None
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 from types import SimpleNamespace
 
 import pytest
@@ -113,12 +114,44 @@ def test_automatic_stage_memory_is_one_and_a_quarter_gib_on_the_cpu_and_a_sixtee
 def test_a_cpu_step_returns_the_heap_pages_of_each_finished_stage(monkeypatch) -> None:
     import lightstream.core.execution as execution
 
-    calls = []
-    monkeypatch.setattr(execution, "release_host_memory", lambda: calls.append(len(calls)))
+    calls: list[int] = []
+    monkeypatch.setattr(execution, "release_host_memory", lambda min_free_bytes=0: calls.append(min_free_bytes))
     trunk = _resnet18().float()
     scnn = StreamingCNN(trunk, tile_size=160, stages=[4, 6, 7])
     image = torch.randn(1, 3, 256, 256)
     fmap = scnn(image)
-    assert len(calls) == 4  # after each of the four stages' forward
+    assert calls == [0] * 4  # after each of the four stages' forward
+    calls.clear()
     scnn.backward(image, torch.ones_like(fmap))
-    assert len(calls) == 8  # and after each stage's backward
+    streamed = [p for p in scnn.stage_plans(image.shape) if len(p.plan) > 1]
+    # after each stage's backward, and after each backward batch of a streamed stage once
+    # HEAP_SLACK bytes of the heap sit free
+    assert calls.count(0) == 4
+    assert calls.count(execution.HEAP_SLACK) == sum(len(p.batches) for p in streamed) > 0
+
+
+def test_heap_pages_are_returned_only_once_enough_of_the_heap_sits_free(monkeypatch) -> None:
+    import lightstream.core.memory as memory
+
+    trims: list[int] = []
+    monkeypatch.setattr(memory, "_libc_function",
+                        lambda name: (lambda pad: trims.append(pad)) if name == "malloc_trim" else None)
+    monkeypatch.setattr(memory, "free_heap_bytes", lambda: 100 << 20)
+    memory.release_host_memory(256 << 20)
+    assert trims == []
+    memory.release_host_memory(64 << 20)
+    memory.release_host_memory()
+    assert trims == [0, 0]
+
+
+def test_the_c_library_reports_the_free_heap_bytes() -> None:
+    import lightstream.core.memory as memory
+
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
+    chunks = [libc.malloc(64 << 10) for _ in range(100)]  # below the mmap threshold: on the heap
+    before = memory.free_heap_bytes()
+    for chunk in chunks[:-1]:  # the last one keeps the freed ones from being trimmed off the top
+        libc.free(chunk)
+    assert memory.free_heap_bytes() - before >= 99 * (64 << 10)
+    libc.free(chunks[-1])
