@@ -160,10 +160,11 @@ class Planner:
         if request.stages is None:
             stage = self.stages(())[0]
             plan = stage.geometry.plan(request.image_size, request.tile_size)
-            limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, None)
             costs = self.costs([stage], request.channels)[0]
+            # a trunk streamed in one piece keeps no maps: one tile plus what the output leaves
             room = tile_values(stage, costs, request.tile_size) * request.batch * request.itemsize
             room += max(0, request.stage_memory - self._output_bytes(request)) if request.spend_spare else 0
+            limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, room)
             forward = partial(self._forward_tiles, request, stage, costs, request.image_size, plan, room)
             return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit, forward),))
         cuts = self._auto_cuts(request) if request.stages == "auto" else request.stages
@@ -262,17 +263,13 @@ class Planner:
         return best, max(1, int(room // tile_bytes))
 
     def _tile_batch(self, request: PlanRequest, stages: list[Stage], index: int, tile: tuple[int, int],
-                    room: float | None) -> int:
+                    room: float) -> int:
         """Tiles one run of ``stages[index]`` may hold: ``tile_batch``, or with ``"auto"`` as many as
-        ``room`` bytes hold (at least one), one tile's backward peak each; ``room=None``: one tile
-        plus ``stage_memory`` (a trunk streamed in one piece keeps no maps)."""
+        ``room`` bytes hold (at least one), one tile's backward peak each."""
         if request.tile_batch != "auto":
             return int(request.tile_batch)
         costs = self.costs(stages, request.channels)[index]
         tile_bytes = request.batch * request.itemsize * tile_values(stages[index], costs, tile)
-        if room is None:
-            spare = request.stage_memory - self._output_bytes(request) if request.spend_spare else 0
-            room = tile_bytes + max(0, spare)
         return max(1, int(room // max(1.0, tile_bytes)))
 
     @staticmethod
