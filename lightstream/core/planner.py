@@ -76,7 +76,8 @@ class PlanRequest:
     stage_memory: int
     tile_batch: int | str = "auto"
     time_model: TimeModel = TimeModel()  # noqa: RUF009 (frozen: one shared default is safe)
-    """The device's costs, which choose the forward's tiles (:meth:`Planner._forward_tiles`)."""
+    """The device's costs, which choose the forward's own tiles
+    (:attr:`~lightstream.core.stages.StagePlan.forward_plan`)."""
     spend_spare: bool = True
     """Whether what the stitched maps leave of ``stage_memory`` buys larger runs. On a GPU each op
     of a run is a kernel launch, so fewer runs are faster; on the CPU they are not (the work is
