@@ -6,10 +6,12 @@ Timing: the configurations run alternately, ``--reps`` times each (on a GPU afte
 step each, which selects the kernels), and the median is reported with its ratio to the
 whole-image step (all measured in this one run), next to the estimated ratio
 (``StreamingCNN.estimate``). On the CPU the CPU-seconds of a step in user and kernel mode are
-printed too, with the estimate's fresh memory: kernel time is mostly page faults, because
-tensors past glibc's mmap threshold (32 MiB at most) are fresh memory on every allocation,
-which the whole-image step pays for gigabytes a step and 1024-px tiles hardly at all (the
-estimate's CPU time model charges for it).
+printed too, with the estimate's fresh memory beside the memory the step faulted in (minor page
+faults): kernel time is mostly page faults, because tensors past glibc's mmap threshold (32 MiB
+at most) are fresh memory on every allocation, which the whole-image step pays for gigabytes a
+step (the estimate's CPU time model charges for it), and because the streamed step returns the
+heap's free pages between stages and tile batches (``release_host_memory``), whose next tiles
+fault them back in (the estimate does not count these).
 
 Memory: each configuration runs once more in a fresh process, which reports its peak (process
 RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to
@@ -41,6 +43,7 @@ import argparse
 import json
 import logging
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -61,11 +64,13 @@ MODES = ("whole", "checkpoint", "streamed-one-stage", "streamed")
 
 
 class StepTime(NamedTuple):
-    """One step: wall-clock seconds, and the CPU-seconds of this process in user and kernel mode."""
+    """One step: wall-clock seconds, the CPU-seconds of this process in user and kernel mode, and
+    the memory it faulted in (minor page faults: fresh pages the kernel mapped and zeroed)."""
 
     wall: float
     user: float
     system: float
+    faulted_bytes: int
 
 
 def step(mode: str, trunk: nn.Sequential, head: nn.Module, image: torch.Tensor, tile: int,
@@ -183,7 +188,7 @@ def main() -> None:
     cpu = args.device == "cpu"
     columns = ["image", "mode", "step", "ratio to whole", *([] if args.no_ops else ["aten ops (× whole)"]),
                *(["CPU-s user + sys"] if cpu else []), "estimated ratio",
-               *(["fresh memory (est.)"] if cpu else []),
+               *(["fresh memory (est.)", "faulted in (measured)"] if cpu else []),
                *(["peak RSS (step)", "step's tensors (freed memory released)"] if cpu else
                  ["step's tensors (max allocated)"]), "estimated"]
     print("| " + " | ".join(columns) + " |")
@@ -204,6 +209,7 @@ def main() -> None:
         times = {m: [t.wall for t in ts] for m, ts in timings.items()}
         user = {m: statistics.median(t.user for t in ts) for m, ts in timings.items()}
         system = {m: statistics.median(t.system for t in ts) for m, ts in timings.items()}
+        faulted = {m: statistics.median(t.faulted_bytes for t in ts) for m, ts in timings.items()}
         base = statistics.median(times["whole"]) if "whole" in times else None
         for mode in args.modes:
             if mode not in modes:
@@ -236,6 +242,7 @@ def main() -> None:
             cells.append(predicted_ratio)
             if cpu:
                 cells.append("" if fresh is None else f"{fresh / 2**30:.2f} GiB")
+                cells.append(f"{faulted[mode] / 2**30:.2f} GiB" if mode in faulted else "")
                 cells.append(f"{memory['peak_gib']:.2f} GiB (+{memory['step_gib']:.2f})" if memory else
                              "" if args.no_memory else "failed")
             cells.append(f"+{live['step_gib']:.2f} GiB" if live else "" if args.no_memory else "failed")
@@ -281,10 +288,11 @@ def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
             timed_step(mode, trunk, head, image, args, engines)
     for _ in range(args.reps):
         for mode in modes:
-            before = os.times()
+            before, faults_before = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             wall = timed_step(mode, trunk, head, image, args, engines)
-            after = os.times()
-            times[mode].append(StepTime(wall, after.user - before.user, after.system - before.system))
+            after, faults_after = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+            times[mode].append(StepTime(wall, after.user - before.user, after.system - before.system,
+                                        (faults_after - faults_before) * resource.getpagesize()))
     return times
 
 

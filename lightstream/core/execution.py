@@ -176,10 +176,14 @@ class Executor:
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
 
     def _batch_done(self) -> None:
-        """After a tile batch's backward on the CPU, give the heap's free pages back once
-        ``HEAP_SLACK`` bytes sit free: large tiles' tensors fragment glibc's heap, and what one
-        tile leaves unusable would otherwise stay beside the next tile's (8192² ResNet-34 with
-        1024-px tiles: about a GiB sits free between tiles). Smaller tiles leave less (ResNet-18's
+        """After a tile batch's backward on the CPU, give the heap's free pages back once its free
+        chunks span ``HEAP_SLACK`` bytes (:func:`free_heap_bytes`, which keeps counting the
+        chunks a trim returned, so from then on every batch trims): large tiles' tensors fragment
+        glibc's heap, and what one tile leaves unusable would otherwise stay beside the next
+        tile's (8192² ResNet-34 with 1024-px tiles: about a GiB sits free between tiles). The
+        next batch faults its working set back in (ResNet-18 at 2048² with 1024-px tiles: 5.4 GiB
+        of page faults a step, against 2.9 GiB from the trims between stages alone, for a peak
+        RSS of 1.63 instead of 1.87 GiB and 10 % more time). Smaller tiles span less (ResNet-18's
         256-px tiles: 0.3 GiB) and run more batches, so they skip the trims and their page faults
         (returning 0.3 GiB after each of their batches made that step 25 % slower)."""
         if self.prepare.device.type == "cpu":

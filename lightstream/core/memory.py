@@ -46,7 +46,7 @@ RSS_REASON = "process RSS also counts allocator caching and library pages"
 
 def release_host_memory(min_free_bytes: int = 0) -> None:
     """Return the free pages of the C heap to the operating system (glibc's ``malloc_trim``),
-    when at least ``min_free_bytes`` sit free in it (:func:`free_heap_bytes`).
+    when its free chunks span at least ``min_free_bytes`` (:func:`free_heap_bytes`).
 
     glibc keeps the pages of freed tensors below its mmap threshold (which rises to 32 MiB once
     large tensors are freed) for reuse; a streamed stage of many tiles leaves a fragmented heap
@@ -65,7 +65,11 @@ class _MallInfo2(ctypes.Structure):
 
 
 def free_heap_bytes() -> int:
-    """Bytes the C heap holds in free chunks (glibc's ``mallinfo2().fordblks``; 0 without it)."""
+    """Bytes the C heap holds in free chunks (glibc's ``mallinfo2().fordblks``; 0 without it).
+
+    Free chunks whose pages :func:`release_host_memory` already returned still count: this is
+    how much free space the heap spans, not how much of the process's RSS sits free.
+    """
     info = _libc_function("mallinfo2")
     if info is None:
         return 0
