@@ -24,8 +24,11 @@ unit over its own, larger tiles where it has them; a stage of one tile keeps its
 once), plus what :class:`TimeModel` charges for *fresh memory*:
 on a CPU with glibc's allocator every tensor of 32 MiB or more is mapped afresh by the operating
 system on each allocation (page faults, zeroed pages), so a whole image, whose activations are all
-that large, pays for each of them, and 1024-px tiles hardly at all. A GPU's caching allocator
-keeps its memory, so there only the multiply-adds count.
+that large, pays for each of them, and 1024-px tiles hardly at all. The CPU executor also returns
+the heap's free pages after every stage, and after every run of a stage whose runs hold at least
+:data:`~lightstream.core.memory.RUN_TRIM_BYTES` (:func:`~lightstream.core.memory.release_host_memory`),
+so each stage's first forward and backward run, and then every such run, faults its working set
+in afresh. A GPU's caching allocator keeps its memory, so there only the multiply-adds count.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .geometry import TilePlan
 from .graph import TrunkGraph, module_device, parameter_dtype
+from .memory import RUN_TRIM_BYTES
 
 __all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks", "pass_time"]
 
@@ -67,10 +71,14 @@ class TimeModel:
             did not keep it. 0 counts multiply-adds only.
         fresh_memory_threshold: allocations of at least this many bytes are fresh every time
             (glibc maps them with ``mmap`` and unmaps them on ``free``).
+        run_trim_bytes: the executor returns the heap's free pages after every stage and after
+            every run of at least this many bytes, so those runs' working sets are fresh memory
+            again; ``None``: the allocator keeps its memory.
     """
 
     fresh_memory_cost: float = 0.0
     fresh_memory_threshold: int = GLIBC_MMAP_THRESHOLD_MAX
+    run_trim_bytes: int | None = None
 
     @classmethod
     def for_device(cls, device: torch.device) -> TimeModel:
@@ -83,7 +91,7 @@ class TimeModel:
         launches, crops and copies): on a GPU the estimate is optimistic.
         """
         if device.type == "cpu":
-            return cls(fresh_memory_cost=CPU_FRESH_MEMORY_COST)
+            return cls(fresh_memory_cost=CPU_FRESH_MEMORY_COST, run_trim_bytes=RUN_TRIM_BYTES)
         return cls()
 
 
@@ -105,7 +113,8 @@ class StepEstimate:
         feature_map_bytes: the stitched feature map alone.
         stage_map_bytes: the kept stage maps (0 when the trunk streams in one piece).
         fresh_bytes: fresh memory the streamed step allocates (tensors past the time model's
-            threshold, each time one is allocated).
+            threshold, each time one is allocated, and the runs' working sets after the heap was
+            returned).
         whole_image_fresh_bytes: the same for the conventional step.
     """
 
@@ -317,7 +326,13 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     # run twice), each stitched map and its gradient; the whole image: outputs and gradients.
     fresh = sum(2 * p.tile_fresh + (0.0 if keep else f.tile_fresh)
                 + (2 * p.output_map if p.output_map >= threshold else 0.0)
-                for p, f, keep in zip(passes, forwards, keeps_graph)) * bytes_per_value
+                for p, f, keep in zip(passes, forwards, keeps_graph))
+    if time_model.run_trim_bytes is not None:  # each stage's first runs, and every large run, fault their memory in
+        large_run = time_model.run_trim_bytes / (batch_size * bytes_per_value)
+        for p, f, keep, k in zip(passes, forwards, keeps_graph, tile_batches or [1] * len(passes)):
+            runs = 1 if keep or p.tile_backward < large_run else -(-p.tiles // k)
+            fresh += (p.tile_backward if keep else f.tile_forward) + runs * p.tile_backward
+    fresh *= bytes_per_value
     whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
     whole_work = sum(p.whole_work for p in passes)

@@ -37,7 +37,7 @@ from .errors import StreamingError
 from .geometry import Tile
 from .graph import crop_to
 from .inputs import Autocast, TilePreparer
-from .memory import release_host_memory
+from .memory import RUN_TRIM_BYTES, release_host_memory
 from .planner import StreamPlan
 from .source import ImageSource, TensorSource, region
 from .stages import StagePlan
@@ -45,10 +45,6 @@ from .stages import StagePlan
 __all__ = ["Executor", "Kept", "TileGraph", "backpropagate"]
 
 logger = logging.getLogger(__name__)
-
-HEAP_SLACK = 512 << 20
-"""Free C-heap bytes after a tile batch's backward above which the CPU executor returns them."""
-
 
 @dataclass(frozen=True)
 class TileGraph:
@@ -175,19 +171,13 @@ class Executor:
             self._stage_done()
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
 
-    def _batch_done(self) -> None:
-        """After a tile batch's backward on the CPU, give the heap's free pages back once its free
-        chunks span ``HEAP_SLACK`` bytes (:func:`free_heap_bytes`, which keeps counting the
-        chunks a trim returned, so from then on every batch trims): large tiles' tensors fragment
-        glibc's heap, and what one tile leaves unusable would otherwise stay beside the next
-        tile's (8192² ResNet-34 with 1024-px tiles: about a GiB sits free between tiles). The
-        next batch faults its working set back in (ResNet-18 at 2048² with 1024-px tiles: 5.4 GiB
-        of page faults a step, against 2.9 GiB from the trims between stages alone, for a peak
-        RSS of 1.63 instead of 1.87 GiB and 10 % more time). Smaller tiles span less (ResNet-18's
-        256-px tiles: 0.3 GiB) and run more batches, so they skip the trims and their page faults
-        (returning 0.3 GiB after each of their batches made that step 25 % slower)."""
-        if self.prepare.device.type == "cpu":
-            release_host_memory(HEAP_SLACK)
+    def _batch_done(self, stage_plan: StagePlan, batch: TileBatch) -> None:
+        """After a tile batch's backward on the CPU, give the heap's free pages back if the batch
+        held at least :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (by the plan's cost model):
+        large runs fragment glibc's heap, and what one leaves unusable would otherwise stay beside
+        the next run's. The next batch faults its working set back in."""
+        if self.prepare.device.type == "cpu" and stage_plan.tile_bytes * len(batch) >= RUN_TRIM_BYTES:
+            release_host_memory()
 
     def _stage_done(self) -> None:
         """Between stages on the CPU, give the heap pages the stage's tiles freed back to the system:
@@ -223,7 +213,7 @@ class Executor:
             input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
                                        input_grad)
             del y, g, leaf, x, raw
-            self._batch_done()
+            self._batch_done(stage_plan, batch)
         return totals, input_grad
 
 

@@ -163,11 +163,12 @@ class Planner:
             plan = stage.geometry.plan(request.image_size, request.tile_size)
             costs = self.costs([stage], request.channels)[0]
             # a trunk streamed in one piece keeps no maps: one tile plus what the output leaves
-            room = tile_values(stage, costs, request.tile_size) * request.batch * request.itemsize
-            room += max(0, request.stage_memory - self._output_bytes(request)) if request.spend_spare else 0
+            tile_bytes = tile_values(stage, costs, request.tile_size) * request.batch * request.itemsize
+            room = tile_bytes + (max(0, request.stage_memory - self._output_bytes(request)) if request.spend_spare
+                                 else 0)
             limit = partial(self._tile_batch, request, [stage], 0, request.tile_size, room)
             forward = partial(self._forward_tiles, request, stage, costs, request.image_size, plan, room)
-            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit, forward),))
+            return StreamPlan(request, (StagePlan(stage, request.tile_size, plan, limit, forward, int(tile_bytes)),))
         cuts = self._auto_cuts(request) if request.stages == "auto" else request.stages
         stages = self.stages(tuple(cuts))  # type: ignore[arg-type]
         costs = self.costs(stages, request.channels)
@@ -224,7 +225,7 @@ class Planner:
             run_bytes = max(values, limit - held) * per_value  # what one run may hold
             limit_batch = partial(self._tile_batch, request, stages, index, tile, run_bytes)
             forward = partial(self._forward_tiles, request, stage, stage_cost, sizes[index], plan, run_bytes)
-            plans.append(StagePlan(stage, tile, plan, limit_batch, forward))
+            plans.append(StagePlan(stage, tile, plan, limit_batch, forward, int(values * per_value)))
             held += values if len(plan) == 1 else 0.0
         return plans
 

@@ -82,6 +82,9 @@ class StagePlan:
                                                                      repr=False)
     """The forward's own tile plan and the most of its tiles one run may hold (called once, when
     first needed): see :attr:`forward_plan`."""
+    tile_bytes: int = 0
+    """Bytes one tile of :attr:`plan` holds at its backward's peak (the planner's cost model; 0 if
+    not worked out)."""
 
     @cached_property
     def batches(self) -> tuple[TileBatch, ...]:

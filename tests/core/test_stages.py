@@ -111,49 +111,39 @@ def test_automatic_stage_memory_is_one_and_a_quarter_gib_on_the_cpu_and_a_sixtee
         StreamingCNN(_resnet34_trunk(), tile_size=2048, stage_memory="4 GiB")
 
 
-def test_a_cpu_step_returns_the_heap_pages_of_each_finished_stage(monkeypatch) -> None:
+@pytest.mark.parametrize("run_trim_bytes", [1, 512 << 20])
+def test_a_cpu_step_returns_the_heap_after_each_stage_and_after_each_large_run(monkeypatch, run_trim_bytes) -> None:
     import lightstream.core.execution as execution
 
-    calls: list[int] = []
-    monkeypatch.setattr(execution, "release_host_memory", lambda min_free_bytes=0: calls.append(min_free_bytes))
+    calls: list[None] = []
+    monkeypatch.setattr(execution, "release_host_memory", lambda: calls.append(None))
+    monkeypatch.setattr(execution, "RUN_TRIM_BYTES", run_trim_bytes)
     trunk = _resnet18().float()
     scnn = StreamingCNN(trunk, tile_size=160, stages=[4, 6, 7])
     image = torch.randn(1, 3, 256, 256)
     fmap = scnn(image)
-    assert calls == [0] * 4  # after each of the four stages' forward
+    assert len(calls) == 4  # after each of the four stages' forward
     calls.clear()
     scnn.backward(image, torch.ones_like(fmap))
     streamed = [p for p in scnn.stage_plans(image.shape) if len(p.plan) > 1]
-    # after each stage's backward, and after each backward batch of a streamed stage once the
-    # heap's free chunks span HEAP_SLACK bytes
-    assert calls.count(0) == 4
-    assert calls.count(execution.HEAP_SLACK) == sum(len(p.batches) for p in streamed) > 0
+    assert streamed and all(0 < p.tile_bytes < 64 << 20 for p in streamed)
+    # after each stage's backward, and after every backward batch of a stage whose runs hold at
+    # least RUN_TRIM_BYTES (by the plan): here every run or none
+    batches = sum(len(p.batches) for p in streamed) if run_trim_bytes == 1 else 0
+    assert len(calls) == 4 + batches
 
 
-def test_heap_pages_are_returned_only_once_enough_of_the_heap_sits_free(monkeypatch) -> None:
-    import lightstream.core.memory as memory
-
-    trims: list[int] = []
-    monkeypatch.setattr(memory, "_libc_function",
-                        lambda name: (lambda pad: trims.append(pad)) if name == "malloc_trim" else None)
-    monkeypatch.setattr(memory, "free_heap_bytes", lambda: 100 << 20)
-    memory.release_host_memory(256 << 20)
-    assert trims == []
-    memory.release_host_memory(64 << 20)
-    memory.release_host_memory()
-    assert trims == [0, 0]
-
-
-def test_the_c_library_reports_the_free_heap_bytes_returned_pages_included() -> None:
-    import lightstream.core.memory as memory
+def test_release_host_memory_gives_freed_heap_pages_back_to_the_system() -> None:
+    from lightstream.core.memory import process_rss, release_host_memory
 
     libc = ctypes.CDLL(None)
     libc.malloc.restype, libc.malloc.argtypes, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_size_t], [ctypes.c_void_p]
-    chunks = [libc.malloc(64 << 10) for _ in range(100)]  # below the mmap threshold: on the heap
-    before = memory.free_heap_bytes()
+    chunks = [libc.malloc(64 << 10) for _ in range(400)]  # below the mmap threshold: on the heap
+    for chunk in chunks:
+        ctypes.memset(chunk, 1, 64 << 10)  # resident
     for chunk in chunks[:-1]:  # the last one keeps the freed ones from being trimmed off the top
         libc.free(chunk)
-    assert memory.free_heap_bytes() - before >= 99 * (64 << 10)
-    memory.release_host_memory()  # their pages go back to the system, the chunks stay in the heap
-    assert memory.free_heap_bytes() >= 99 * (64 << 10)
+    before = process_rss()
+    release_host_memory()
+    assert before - process_rss() >= 20 << 20  # of the 25 MiB freed
     libc.free(chunks[-1])
