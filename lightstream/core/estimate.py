@@ -28,7 +28,8 @@ that large, pays for each of them, and 1024-px tiles hardly at all. The CPU exec
 the heap's free pages after every stage, and after every run of a stage whose runs hold at least
 :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (:func:`~lightstream.core.memory.release_host_memory`),
 so each stage's first forward and backward run, and then every such run, faults its working set
-in afresh. A GPU's caching allocator keeps its memory, so there only the multiply-adds count.
+in afresh; such a stage also maps its tensors of at least
+:data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` afresh on every allocation. A GPU's caching allocator keeps its memory, so there only the multiply-adds count.
 """
 
 from __future__ import annotations
@@ -44,11 +45,10 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
 
 from .geometry import TilePlan
 from .graph import TrunkGraph, module_device, parameter_dtype
-from .memory import RUN_TRIM_BYTES
+from .memory import GLIBC_MMAP_THRESHOLD_MAX, RUN_MMAP_THRESHOLD, RUN_TRIM_BYTES
 
 __all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks", "pass_time"]
 
-GLIBC_MMAP_THRESHOLD_MAX = 32 << 20
 CPU_FRESH_MEMORY_COST = 50.0
 
 
@@ -74,11 +74,14 @@ class TimeModel:
         run_trim_bytes: the executor returns the heap's free pages after every stage and after
             every run of at least this many bytes, so those runs' working sets are fresh memory
             again; ``None``: the allocator keeps its memory.
+        run_mmap_threshold: in the stages of such runs, allocations of at least this many bytes
+            are fresh every time.
     """
 
     fresh_memory_cost: float = 0.0
     fresh_memory_threshold: int = GLIBC_MMAP_THRESHOLD_MAX
     run_trim_bytes: int | None = None
+    run_mmap_threshold: int = RUN_MMAP_THRESHOLD
 
     @classmethod
     def for_device(cls, device: torch.device) -> TimeModel:
@@ -329,9 +332,16 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
                 for p, f, keep in zip(passes, forwards, keeps_graph))
     if time_model.run_trim_bytes is not None:  # each stage's first runs, and every large run, fault their memory in
         large_run = time_model.run_trim_bytes / (batch_size * bytes_per_value)
-        for p, f, keep, k in zip(passes, forwards, keeps_graph, tile_batches or [1] * len(passes)):
-            runs = 1 if keep or p.tile_backward < large_run else -(-p.tiles // k)
-            fresh += (p.tile_backward if keep else f.tile_forward) + runs * p.tile_backward
+        mapped = time_model.run_mmap_threshold / (batch_size * bytes_per_value)
+        for index, (p, f, keep, k) in enumerate(zip(passes, forwards, keeps_graph, tile_batches or [1] * len(passes))):
+            large = not keep and p.tile_backward >= large_run
+            fresh += (p.tile_backward if keep else f.tile_forward) + (-(-p.tiles // k) if large else 1) * p.tile_backward
+            if large:  # its outputs past the lower mmap threshold are fresh at every allocation
+                graph, plan, costs = stages[index]
+                forward_plan = (forward_plans or [None] * len(stages))[index]
+                low = _stage_pass(graph, plan, costs, mapped).tile_fresh
+                low_forward = low if forward_plan is None else _stage_pass(graph, forward_plan[0], costs, mapped).tile_fresh
+                fresh += 2 * (low - p.tile_fresh) + (low_forward - f.tile_fresh)
     fresh *= bytes_per_value
     whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value

@@ -24,6 +24,7 @@ and adds its parameter gradients with one ``_foreach_add_``.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -37,7 +38,7 @@ from .errors import StreamingError
 from .geometry import Tile
 from .graph import crop_to
 from .inputs import Autocast, TilePreparer
-from .memory import RUN_TRIM_BYTES, release_host_memory
+from .memory import RUN_MMAP_THRESHOLD, RUN_TRIM_BYTES, release_host_memory, tensors_mapped_from
 from .planner import StreamPlan
 from .source import ImageSource, TensorSource, region
 from .stages import StagePlan
@@ -83,7 +84,8 @@ class Executor:
             input_map = source.image if keep and index > 0 else None  # type: ignore[attr-defined]
             keep_graph = keep and len(stage_plan.plan) == 1 and (index > 0 or want_image_grad or any(
                 p.requires_grad for p in stage_plan.stage.module.parameters()))
-            out, graph = self._forward_stage(stage_plan, source, index == 0, keep_graph)
+            with self._host_allocation(stage_plan):
+                out, graph = self._forward_stage(stage_plan, source, index == 0, keep_graph)
             kept.append(Kept(input_map, graph))
             source = TensorSource(out)
             self._stage_done()
@@ -161,8 +163,9 @@ class Executor:
             if state.graph is not None:
                 stage_grads, grad = self._backward_graph(state.graph, stage_source, grad, stage_params, want_input)
             else:
-                stage_grads, grad = self._backward_stage(stage_plan, stage_source, grad, stage_params,
-                                                         want_input, autocast, first=index == 0)
+                with self._host_allocation(stage_plan):
+                    stage_grads, grad = self._backward_stage(stage_plan, stage_source, grad, stage_params,
+                                                             want_input, autocast, first=index == 0)
             for param, g in zip(stage_params, stage_grads):
                 if g is not None:
                     totals[id(param)] = g if id(param) not in totals else totals[id(param)].add_(g)
@@ -171,12 +174,23 @@ class Executor:
             self._stage_done()
         return [totals.get(id(p)) for p in params], grad if want_image_grad else None
 
-    def _batch_done(self, stage_plan: StagePlan, batch: TileBatch) -> None:
-        """After a tile batch's backward on the CPU, give the heap's free pages back if the batch
-        held at least :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (by the plan's cost model):
-        large runs fragment glibc's heap, and what one leaves unusable would otherwise stay beside
+    def _large_runs(self, stage_plan: StagePlan) -> bool:
+        """Whether ``stage_plan`` streams on the CPU in runs of at least
+        :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (by the plan's cost model)."""
+        return (self.prepare.device.type == "cpu" and len(stage_plan.plan) > 1
+                and stage_plan.tile_bytes * stage_plan.tile_batch >= RUN_TRIM_BYTES)
+
+    def _host_allocation(self, stage_plan: StagePlan) -> contextlib.AbstractContextManager[None]:
+        """How a stage allocates host memory: large runs map their tensors of at least
+        :data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` bytes apart and return them on free, so
+        that no run leaves them in a heap the next one cannot reuse; others use the heap as is."""
+        return tensors_mapped_from(RUN_MMAP_THRESHOLD) if self._large_runs(stage_plan) else contextlib.nullcontext()
+
+    def _batch_done(self, stage_plan: StagePlan) -> None:
+        """After a tile batch's backward in a stage of large runs, give the heap's free pages back:
+        such runs fragment glibc's heap, and what one leaves unusable would otherwise stay beside
         the next run's. The next batch faults its working set back in."""
-        if self.prepare.device.type == "cpu" and stage_plan.tile_bytes * len(batch) >= RUN_TRIM_BYTES:
+        if self._large_runs(stage_plan):
             release_host_memory()
 
     def _stage_done(self) -> None:
@@ -213,7 +227,7 @@ class Executor:
             input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
                                        input_grad)
             del y, g, leaf, x, raw
-            self._batch_done(stage_plan, batch)
+            self._batch_done(stage_plan)
         return totals, input_grad
 
 

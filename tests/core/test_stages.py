@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
+from contextlib import nullcontext
 from types import SimpleNamespace
 
 import pytest
@@ -116,7 +119,9 @@ def test_a_cpu_step_returns_the_heap_after_each_stage_and_after_each_large_run(m
     import lightstream.core.execution as execution
 
     calls: list[None] = []
+    mapped: list[int] = []
     monkeypatch.setattr(execution, "release_host_memory", lambda: calls.append(None))
+    monkeypatch.setattr(execution, "tensors_mapped_from", lambda threshold: mapped.append(threshold) or nullcontext())
     monkeypatch.setattr(execution, "RUN_TRIM_BYTES", run_trim_bytes)
     trunk = _resnet18().float()
     scnn = StreamingCNN(trunk, tile_size=160, stages=[4, 6, 7])
@@ -131,6 +136,40 @@ def test_a_cpu_step_returns_the_heap_after_each_stage_and_after_each_large_run(m
     # least RUN_TRIM_BYTES (by the plan): here every run or none
     batches = sum(len(p.batches) for p in streamed) if run_trim_bytes == 1 else 0
     assert len(calls) == 4 + batches
+    # stages of large runs map their larger tensors apart, forward and backward
+    assert mapped == ([execution.RUN_MMAP_THRESHOLD] * 2 * len(streamed) if run_trim_bytes == 1 else [])
+
+
+_MAPPED_WHILE_ALIVE = """
+import ctypes, sys, torch
+from lightstream.core.memory import tensors_mapped_from
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+libc = ctypes.CDLL(None)
+libc.mallinfo2.restype = MallInfo2
+
+def mapped_while_alive(nbytes):
+    before = libc.mallinfo2().hblkhd
+    tensor = torch.empty(nbytes, dtype=torch.uint8)
+    return libc.mallinfo2().hblkhd - before
+
+libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD where a process that freed large tensors has it
+before = mapped_while_alive(8 << 20)
+with tensors_mapped_from(1 << 20):
+    inside = mapped_while_alive(8 << 20)
+print(before, inside, mapped_while_alive(8 << 20))
+"""
+
+
+def test_within_tensors_mapped_from_large_tensors_are_mapped_apart_and_afterwards_in_the_heap() -> None:
+    # a fresh process: glibc maps a block apart only when no free heap chunk can hold it
+    done = subprocess.run([sys.executable, "-c", _MAPPED_WHILE_ALIVE], capture_output=True, text=True, check=True)
+    before, inside, after = map(int, done.stdout.split())
+    assert before == 0 and inside >= 8 << 20
+    assert after == 0  # the threshold is back at glibc's 32 MiB
 
 
 def test_release_host_memory_gives_freed_heap_pages_back_to_the_system() -> None:
