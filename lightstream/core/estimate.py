@@ -29,7 +29,8 @@ the heap's free pages after every stage, and after every run of a stage whose ru
 :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (:func:`~lightstream.core.memory.release_host_memory`),
 so each stage's first forward and backward run, and then every such run, faults its working set
 in afresh; such a stage also maps its tensors of at least
-:data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` afresh on every allocation. A GPU's caching allocator keeps its memory, so there only the multiply-adds count.
+:data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` afresh on every allocation. A GPU's caching
+allocator keeps its memory, so there only the multiply-adds count.
 """
 
 from __future__ import annotations
@@ -302,11 +303,13 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     not the stage's own (``StagePlan.forward_plan``); ``None`` for the others.
     """
     time_model = time_model or TimeModel()
+    tile_batches = tile_batches or [1] * len(stages)
+    forward_plans = forward_plans or [None] * len(stages)
     threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
     passes = [_batched(_stage_pass(graph, plan, costs, threshold), k)
-              for (graph, plan, costs), k in zip(stages, tile_batches or [1] * len(stages))]
+              for (graph, plan, costs), k in zip(stages, tile_batches)]
     forwards = [p if fwd is None else _batched(_stage_pass(graph, fwd[0], costs, threshold), fwd[1])
-                for (graph, _, costs), p, fwd in zip(stages, passes, forward_plans or [None] * len(stages))]
+                for (graph, _, costs), p, fwd in zip(stages, passes, forward_plans)]
     whole_output = passes[-1].output_map
     if per_tile_loss:
         if len(passes) != 1:
@@ -333,14 +336,13 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     if time_model.run_trim_bytes is not None:  # each stage's first runs, and every large run, fault their memory in
         large_run = time_model.run_trim_bytes / (batch_size * bytes_per_value)
         mapped = time_model.run_mmap_threshold / (batch_size * bytes_per_value)
-        for index, (p, f, keep, k) in enumerate(zip(passes, forwards, keeps_graph, tile_batches or [1] * len(passes))):
+        for (graph, plan, costs), p, f, keep, k, fwd in zip(stages, passes, forwards, keeps_graph, tile_batches,
+                                                           forward_plans):
             large = not keep and p.tile_backward >= large_run
             fresh += (p.tile_backward if keep else f.tile_forward) + (-(-p.tiles // k) if large else 1) * p.tile_backward
             if large:  # its outputs past the lower mmap threshold are fresh at every allocation
-                graph, plan, costs = stages[index]
-                forward_plan = (forward_plans or [None] * len(stages))[index]
                 low = _stage_pass(graph, plan, costs, mapped).tile_fresh
-                low_forward = low if forward_plan is None else _stage_pass(graph, forward_plan[0], costs, mapped).tile_fresh
+                low_forward = low if fwd is None else _stage_pass(graph, fwd[0], costs, mapped).tile_fresh
                 fresh += 2 * (low - p.tile_fresh) + (low_forward - f.tile_fresh)
     fresh *= bytes_per_value
     whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value

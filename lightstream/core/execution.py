@@ -186,13 +186,6 @@ class Executor:
         that no run leaves them in a heap the next one cannot reuse; others use the heap as is."""
         return tensors_mapped_from(RUN_MMAP_THRESHOLD) if self._large_runs(stage_plan) else contextlib.nullcontext()
 
-    def _batch_done(self, stage_plan: StagePlan) -> None:
-        """After a tile batch's backward in a stage of large runs, give the heap's free pages back:
-        such runs fragment glibc's heap, and what one leaves unusable would otherwise stay beside
-        the next run's. The next batch faults its working set back in."""
-        if self._large_runs(stage_plan):
-            release_host_memory()
-
     def _stage_done(self) -> None:
         """Between stages on the CPU, give the heap pages the stage's tiles freed back to the system:
         the next stage's tiles have other shapes and would leave them unused beside their own."""
@@ -218,6 +211,9 @@ class Executor:
                         ) -> tuple[Gradients, torch.Tensor | None]:
         totals: Gradients = [None] * len(params)
         input_grad: torch.Tensor | None = None
+        # large runs fragment glibc's heap: what one leaves unusable would otherwise stay beside
+        # the next run's, so each returns the heap's free pages (the next faults its own back in)
+        trim_each_run = self._large_runs(stage_plan)
         for batch, raw in self._load_batches(source, stage_plan.batches, "backward"):
             with torch.enable_grad(), autocast():  # enable_grad: autograd's backward runs without it
                 leaf, x = self.prepare(raw, first, requires_grad=want_input_grad)
@@ -227,7 +223,8 @@ class Executor:
             input_grad = backpropagate(y, g, params, leaf if want_input_grad else None, batch, source, totals,
                                        input_grad)
             del y, g, leaf, x, raw
-            self._batch_done(stage_plan)
+            if trim_each_run:
+                release_host_memory()
         return totals, input_grad
 
 
