@@ -2,16 +2,18 @@
 
     python benchmarks/train_step.py --model resnet18 --size 2048 --tile 1024 --reps 3
 
-Timing: the configurations run alternately, ``--reps`` times each (on a GPU after one untimed
-step each, which selects the kernels), and the median is reported with its ratio to the
+Timing: the configurations run alternately, ``--reps`` times each, after one untimed step each
+(which selects a GPU's kernels, creates the CPU's oneDNN primitives and grows the allocator's
+heap: the first step of a process runs up to 1.6× slower on the CPU), and the median is reported with its ratio to the
 whole-image step (all measured in this one run), next to the estimated ratio
 (``StreamingCNN.estimate``). On the CPU the CPU-seconds of a step in user and kernel mode are
 printed too, with the estimate's fresh memory beside the memory the step faulted in (minor page
 faults): kernel time is mostly page faults, because tensors past glibc's mmap threshold (32 MiB
 at most) are fresh memory on every allocation, which the whole-image step pays for gigabytes a
 step (the estimate's CPU time model charges for it), and because the streamed step returns the
-heap's free pages between stages and tile batches (``release_host_memory``), whose next tiles
-fault them back in (the estimate does not count these).
+heap's free pages after each stage and after each run of a stage whose runs are large
+(``release_host_memory``), whose next runs fault them back in (the estimate charges each such
+run's working set).
 
 Memory: each configuration runs once more in a fresh process, which reports its peak (process
 RSS on the CPU, ``torch.cuda.max_memory_allocated`` on a GPU), and how much the step added to
@@ -281,11 +283,10 @@ def print_breakdown(title: str, ops: dict[str, Counter[str]], top: int = 10) -> 
 
 def time_steps(args: argparse.Namespace, trunk: nn.Sequential, head: nn.Module,
                engines: dict[str, StreamingCNN], image: torch.Tensor, modes: list[str]) -> dict[str, list[StepTime]]:
-    """``--reps`` step times per mode, the modes alternating (after one untimed step each on a GPU)."""
+    """``--reps`` step times per mode, the modes alternating, after one untimed step each."""
     times: dict[str, list[StepTime]] = {m: [] for m in modes}
-    if args.device == "cuda":  # the first CUDA step of a shape selects kernels: not timed
-        for mode in modes:
-            timed_step(mode, trunk, head, image, args, engines)
+    for mode in modes:  # a process's first step of a shape selects kernels and grows the heap: not timed
+        timed_step(mode, trunk, head, image, args, engines)
     for _ in range(args.reps):
         for mode in modes:
             before, faults_before = os.times(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt

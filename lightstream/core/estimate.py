@@ -24,7 +24,10 @@ unit over its own, larger tiles where it has them; a stage of one tile keeps its
 once), plus what :class:`TimeModel` charges for *fresh memory*:
 on a CPU with glibc's allocator every tensor of 32 MiB or more is mapped afresh by the operating
 system on each allocation (page faults, zeroed pages), so a whole image, whose activations are all
-that large, pays for each of them, and 1024-px tiles hardly at all. The CPU executor also returns
+that large, pays for each of them, and 1024-px tiles hardly at all. A pass allocates each step's
+output (in the forward, unless the step writes in place) and its gradient (in the backward), and
+the CPU's convolutions copy their input and output besides (:attr:`TimeModel.convolution_copies`).
+The CPU executor also returns
 the heap's free pages after every stage, and after every run of a stage whose runs hold at least
 :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (:func:`~lightstream.core.memory.release_host_memory`),
 so each stage's first forward and backward run, and then every such run, faults its working set
@@ -50,16 +53,24 @@ from .memory import GLIBC_MMAP_THRESHOLD_MAX, RUN_MMAP_THRESHOLD, RUN_TRIM_BYTES
 
 __all__ = ["StepEstimate", "LayerCost", "TimeModel", "layer_costs", "estimate_step", "pass_peaks", "pass_time"]
 
-CPU_FRESH_MEMORY_COST = 50.0
+CPU_FRESH_MEMORY_COST = 25.0
+CPU_CONVOLUTION_COPIES = 1
 
 
 @dataclass(frozen=True)
 class LayerCost:
-    """Per output pixel of one step: values it outputs, values autograd saves, multiply-adds."""
+    """Per output pixel of one step: values it outputs, values autograd saves, multiply-adds.
+
+    ``in_place``: the step writes its output into its input's memory (an ``inplace=True``
+    activation), so its forward allocates nothing. ``convolution``: the step is a convolution
+    (a backend may copy its input and output, see :attr:`TimeModel.convolution_copies`).
+    """
 
     elements_per_pixel: int
     macs_per_pixel: int
     saved_per_pixel: float = 0.0
+    in_place: bool = False
+    convolution: bool = False
 
 
 @dataclass(frozen=True)
@@ -77,25 +88,33 @@ class TimeModel:
             again; ``None``: the allocator keeps its memory.
         run_mmap_threshold: in the stages of such runs, allocations of at least this many bytes
             are fresh every time.
+        convolution_copies: copies of its input and of its output that a convolution allocates
+            besides its result, in the forward (once this many each) and the backward (twice this
+            many each): the CPU's oneDNN reorders plain tensors into its blocked layout and back.
     """
 
     fresh_memory_cost: float = 0.0
     fresh_memory_threshold: int = GLIBC_MMAP_THRESHOLD_MAX
     run_trim_bytes: int | None = None
     run_mmap_threshold: int = RUN_MMAP_THRESHOLD
+    convolution_copies: int = 0
 
     @classmethod
     def for_device(cls, device: torch.device) -> TimeModel:
         """The model for where the trunk runs.
 
-        On the CPU, fresh memory costs 50 multiply-adds a byte, measured on this project's
-        2-core machine (ResNet-18, 2048² and 4096²): 0.7-1.0 s of kernel time per GiB against
-        76 G multiply-adds per CPU-second. Elsewhere (CUDA's caching allocator keeps its
-        memory) only multiply-adds count, which leaves out per-tile overheads (kernel
-        launches, crops and copies): on a GPU the estimate is optimistic.
+        On the CPU, fresh memory costs 25 multiply-adds a byte, measured on this project's
+        2-core machine (ResNet-18 at 2048², torch 2.14): 0.41 s of kernel time per GiB of
+        minor page faults against 66 G multiply-adds per CPU-second, and a convolution copies
+        its input and output once in the forward and twice in the backward (oneDNN's layout
+        reorders: the whole image's step faults in 7.1-7.4 GiB, 6.9 GiB by this count).
+        Elsewhere (CUDA's caching allocator keeps its memory) only multiply-adds count, which
+        leaves out per-tile overheads (kernel launches, crops and copies): on a GPU the
+        estimate is optimistic.
         """
         if device.type == "cpu":
-            return cls(fresh_memory_cost=CPU_FRESH_MEMORY_COST, run_trim_bytes=RUN_TRIM_BYTES)
+            return cls(fresh_memory_cost=CPU_FRESH_MEMORY_COST, run_trim_bytes=RUN_TRIM_BYTES,
+                       convolution_copies=CPU_CONVOLUTION_COPIES)
         return cls()
 
 
@@ -138,16 +157,22 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
 
     Runs the graph once on a fake (shape-only) tensor with gradients enabled and counts the
     distinct tensors autograd saves for the backward (parameters, buffers and the input
-    excluded), attributing each to the step that saved it.
+    excluded), attributing each to the step that saved it; a step whose output shares its
+    input's memory is in place.
     """
     macs: dict[int, int] = {}
+    convolutions: set[int] = set()
     for index, step in enumerate(graph.steps):
         module = step.target if isinstance(step.target, nn.Module) else None
         weight = getattr(module, "weight", None)
         if isinstance(module, (nn.Conv2d, nn.Linear)) and isinstance(weight, torch.Tensor):
             macs[index] = weight.numel()
+        if isinstance(module, nn.Conv2d):
+            convolutions.add(index)
     elements: dict[int, int] = {}
     saved: dict[int, float] = {}
+    storages: dict[int, int] = {}  # each observed step's output memory
+    in_place: set[int] = set()
     seen: set[int] = set()
     pending = [0]  # bytes saved since the last observed step
 
@@ -171,6 +196,9 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
         elements[index] = value.numel() // pixels
         saved[index] = pending[0] / itemsize / pixels
         pending[0] = 0
+        storages[index] = value.untyped_storage()._cdata
+        if any(storages.get(j) == storages[index] for j in graph.steps[index].inputs):
+            in_place.add(index)
 
     autocast_off = [torch.autocast(kind, enabled=False) for kind in ("cpu", "cuda")
                     if torch.is_autocast_enabled(kind)]  # shapes only: no casts, no data
@@ -182,8 +210,8 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
         stack.enter_context(torch.enable_grad())
         stack.enter_context(torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor))
         graph.run(tile, (0, size), (0, size), graph.sizes(size, size), observe)
-    return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0)), saved.get(i, 0.0))
-            for i in range(len(graph.steps))]
+    return [LayerCost(elements.get(i, 0), macs.get(i, elements.get(i, 0)), saved.get(i, 0.0), i in in_place,
+                      i in convolutions) for i in range(len(graph.steps))]
 
 
 def graph_min_size(graph: TrunkGraph) -> tuple[int, int]:
@@ -207,30 +235,60 @@ class _StagePass:
     whole_saved: float
     whole_backward: float
     output_map: float
-    tile_fresh: float  # outputs past the fresh-memory threshold, all tiles once
+    tile_fresh: float  # fresh memory of a forward over all tiles (see _Allocations)
+    tile_backward_fresh: float  # and of a backward
     whole_fresh: float
+    whole_backward_fresh: float
 
 
-def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh_threshold: float
-                ) -> _StagePass:
-    """``fresh_threshold``: the size (values per image) from which an output is fresh memory."""
+@dataclass(frozen=True)
+class _Allocations:
+    """The tensors a pass allocates, as (step, values per pixel of that step's area) pairs: the
+    forward's outputs (not those written in place) and convolutions' copies of their input and
+    output; the backward's gradients (one of each step's output) and convolutions' copies."""
+
+    forward: tuple[tuple[int, float], ...]
+    backward: tuple[tuple[int, float], ...]
+
+    @classmethod
+    def of(cls, graph: TrunkGraph, costs: list[LayerCost], copies: int) -> _Allocations:
+        forward, backward = [], []
+        for index, step in enumerate(graph.steps):
+            if not step.spatial or not step.inputs:
+                continue
+            out = float(costs[index].elements_per_pixel)
+            if not costs[index].in_place:
+                forward.append((index, out))
+            backward.append((index, out))
+            if costs[index].convolution and copies:
+                source = step.inputs[0]
+                forward += [(source, float(costs[source].elements_per_pixel)), (index, out)] * copies
+                backward += [(source, float(costs[source].elements_per_pixel)), (index, out)] * 2 * copies
+        return cls(tuple(forward), tuple(backward))
+
+
+def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh_threshold: float,
+                convolution_copies: int = 0) -> _StagePass:
+    """``fresh_threshold``: the size (values per image) from which an allocation is fresh memory;
+    ``convolution_copies``: see :attr:`TimeModel.convolution_copies`."""
     spatial = [i for i, s in enumerate(graph.steps) if s.spatial]
     full = plan.layer_sizes
     macs = [costs[i].macs_per_pixel for i in spatial]
-    values = [costs[i].elements_per_pixel for i in spatial]
+    allocations = _Allocations.of(graph, costs, convolution_copies)
     rows = Counter(_held_lengths(graph, plan.row_spans, 0, full, spatial))
     cols = Counter(_held_lengths(graph, plan.col_spans, 1, full, spatial))
     # Work is separable over rows and columns; peaks and fresh memory need each tile shape once.
     row_sums = [sum(r[k] * n for r, n in rows.items()) for k in range(len(spatial))]
     col_sums = [sum(c[k] * n for c, n in cols.items()) for k in range(len(spatial))]
     tile_work = sum(m * r * c for m, r, c in zip(macs, row_sums, col_sums))
-    forward = backward = saved_peak = tile_fresh = 0.0
+    forward = backward = saved_peak = tile_fresh = tile_backward_fresh = 0.0
     for r, row_count in rows.items():
         for c, col_count in cols.items():
             areas = dict(zip(spatial, (a * b for a, b in zip(r, c))))
             tile = pass_peaks(graph, costs, areas)
             forward, backward, saved_peak = max(forward, tile[0]), max(backward, tile[1]), max(saved_peak, tile[2])
-            tile_fresh += row_count * col_count * _fresh(values, areas.values(), fresh_threshold)
+            tile_fresh += row_count * col_count * _fresh(allocations.forward, areas, fresh_threshold)
+            tile_backward_fresh += row_count * col_count * _fresh(allocations.backward, areas, fresh_threshold)
     areas = {i: full[i][0] * full[i][1] for i in spatial}
     _, whole_backward, whole_saved = pass_peaks(graph, costs, areas)
     output = costs[graph.output].elements_per_pixel * plan.output_size[0] * plan.output_size[1]
@@ -238,7 +296,8 @@ def _stage_pass(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], fresh
         tiles=len(plan), tile_work=tile_work, whole_work=sum(m * areas[i] for m, i in zip(macs, spatial)),
         tile_forward=forward, tile_backward=backward, tile_saved=saved_peak, whole_saved=whole_saved,
         whole_backward=whole_backward, output_map=output, tile_fresh=tile_fresh,
-        whole_fresh=_fresh(values, areas.values(), fresh_threshold))
+        tile_backward_fresh=tile_backward_fresh, whole_fresh=_fresh(allocations.forward, areas, fresh_threshold),
+        whole_backward_fresh=_fresh(allocations.backward, areas, fresh_threshold))
 
 
 def pass_time(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], time_model: TimeModel,
@@ -246,7 +305,8 @@ def pass_time(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], time_mo
     """Time of one forward over ``plan``'s tiles in :class:`TimeModel` units: its multiply-adds
     plus what the model charges for the fresh memory of its outputs (``bytes_per_value``: bytes of
     one value of every image of the batch)."""
-    stage = _stage_pass(graph, plan, costs, time_model.fresh_memory_threshold / bytes_per_value)
+    stage = _stage_pass(graph, plan, costs, time_model.fresh_memory_threshold / bytes_per_value,
+                        time_model.convolution_copies)
     return stage.tile_work + time_model.fresh_memory_cost * stage.tile_fresh * bytes_per_value
 
 
@@ -255,9 +315,9 @@ def _batched(stage: _StagePass, tiles: int) -> _StagePass:
     return replace(stage, tile_forward=tiles * stage.tile_forward, tile_backward=tiles * stage.tile_backward)
 
 
-def _fresh(values: list[int], areas: Iterable[int], threshold: float) -> float:
-    """Values of the step outputs that are at least ``threshold`` values large."""
-    return float(sum(v * a for v, a in zip(values, areas) if v * a >= threshold))
+def _fresh(allocations: Iterable[tuple[int, float]], areas: dict[int, int], threshold: float) -> float:
+    """Values of the ``allocations`` (see :class:`_Allocations`) that are at least ``threshold`` values large."""
+    return float(sum(v * areas[i] for i, v in allocations if v * areas.get(i, 0) >= threshold))
 
 
 def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
@@ -306,9 +366,10 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
     tile_batches = tile_batches or [1] * len(stages)
     forward_plans = forward_plans or [None] * len(stages)
     threshold = time_model.fresh_memory_threshold / (batch_size * bytes_per_value)
-    passes = [_batched(_stage_pass(graph, plan, costs, threshold), k)
+    copies = time_model.convolution_copies
+    passes = [_batched(_stage_pass(graph, plan, costs, threshold, copies), k)
               for (graph, plan, costs), k in zip(stages, tile_batches)]
-    forwards = [p if fwd is None else _batched(_stage_pass(graph, fwd[0], costs, threshold), fwd[1])
+    forwards = [p if fwd is None else _batched(_stage_pass(graph, fwd[0], costs, threshold, copies), fwd[1])
                 for (graph, _, costs), p, fwd in zip(stages, passes, forward_plans)]
     whole_output = passes[-1].output_map
     if per_tile_loss:
@@ -328,9 +389,10 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
         held = sum(maps[:k]) + sum(held_graphs[:k]) + 2 * fmap + grads
         peak = max(peak, held + passes[k].tile_backward)
 
-    # Fresh memory: every output once per pass and its gradient once (a streamed stage's tiles
-    # run twice), each stitched map and its gradient; the whole image: outputs and gradients.
-    fresh = sum(2 * p.tile_fresh + (0.0 if keep else f.tile_fresh)
+    # Fresh memory: a forward's allocations once per pass (a streamed stage's tiles run twice) and
+    # the backward's once, each stitched map and its gradient; the whole image: one forward and
+    # one backward.
+    fresh = sum(p.tile_fresh + p.tile_backward_fresh + (0.0 if keep else f.tile_fresh)
                 + (2 * p.output_map if p.output_map >= threshold else 0.0)
                 for p, f, keep in zip(passes, forwards, keeps_graph))
     if time_model.run_trim_bytes is not None:  # each stage's first runs, and every large run, fault their memory in
@@ -340,12 +402,13 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
                                                            forward_plans):
             large = not keep and p.tile_backward >= large_run
             fresh += (p.tile_backward if keep else f.tile_forward) + (-(-p.tiles // k) if large else 1) * p.tile_backward
-            if large:  # its outputs past the lower mmap threshold are fresh at every allocation
-                low = _stage_pass(graph, plan, costs, mapped).tile_fresh
-                low_forward = low if fwd is None else _stage_pass(graph, fwd[0], costs, mapped).tile_fresh
-                fresh += 2 * (low - p.tile_fresh) + (low_forward - f.tile_fresh)
+            if large:  # its allocations past the lower mmap threshold are fresh every time
+                low = _stage_pass(graph, plan, costs, mapped, copies)
+                low_forward = low if fwd is None else _stage_pass(graph, fwd[0], costs, mapped, copies)
+                fresh += (low.tile_fresh + low.tile_backward_fresh - p.tile_fresh - p.tile_backward_fresh
+                          + low_forward.tile_fresh - f.tile_fresh)
     fresh *= bytes_per_value
-    whole_fresh = sum(2 * p.whole_fresh for p in passes) * bytes_per_value
+    whole_fresh = sum(p.whole_fresh + p.whole_backward_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value
     whole_work = sum(p.whole_work for p in passes)
     work = sum(p.tile_work for p in passes)

@@ -117,6 +117,26 @@ def test_fresh_memory_counts_each_output_past_the_threshold_once_per_pass() -> N
     assert abs(multiply_adds.relative_time - 4 * estimate.recompute_factor / 3) <= 1e-12
 
 
+def test_an_in_place_step_allocates_only_its_gradient_and_a_convolution_its_copies() -> None:
+    trunk = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(inplace=True), nn.Conv2d(8, 8, 3, padding=1)).eval()
+    graph = TrunkGraph(trunk)
+    costs = layer_costs(graph, 3)
+    assert [(c.in_place, c.convolution) for c in costs[1:]] == [(False, True), (True, False), (False, True)]
+    scnn = StreamingCNN(trunk, tile_size=32, stages=None, tile_batch=1)
+    output_bytes = 8 * 64 * 64 * 4  # each step's output over the whole 64² image
+
+    def whole_fresh(copies: int) -> int:
+        model = TimeModel(fresh_memory_cost=10.0, fresh_memory_threshold=output_bytes, convolution_copies=copies)
+        return scnn.estimate((1, 3, 64, 64), time_model=model).whole_image_fresh_bytes
+
+    # the forward allocates the two convolutions' outputs (the ReLU writes into the first), the
+    # backward a gradient of each of the three outputs
+    assert whole_fresh(0) == (2 + 3) * output_bytes
+    # a convolution copies its input and output once in the forward and twice in the backward:
+    # the second convolution reads the 8-channel map, the first the 3-channel image (not counted)
+    assert whole_fresh(1) == (2 + 3) * output_bytes + (2 + 1) * 3 * output_bytes
+
+
 def test_on_the_cpu_the_whole_images_fresh_memory_makes_1024_px_tiles_cheaper_than_their_multiply_adds() -> None:
     # ResNet-18 at 2048²: every activation of the whole image is past glibc's 32 MiB mmap
     # threshold; a 1024-px tile's are not (measured: 1.0-1.2x the whole-image step, README). The
