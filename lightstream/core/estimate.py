@@ -32,7 +32,8 @@ the heap's free pages after every stage, and after every run of a stage whose ru
 :data:`~lightstream.core.memory.RUN_TRIM_BYTES` (:func:`~lightstream.core.memory.release_host_memory`),
 so each stage's first forward and backward run, and then every such run, faults its working set
 in afresh; such a stage also maps its tensors of at least
-:data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` afresh on every allocation. A GPU's caching
+:data:`~lightstream.core.memory.RUN_MMAP_THRESHOLD` afresh on every allocation (measured: not its
+convolutions' copies). A GPU's caching
 allocator keeps its memory, so there only the multiply-adds count.
 """
 
@@ -315,6 +316,15 @@ def _batched(stage: _StagePass, tiles: int) -> _StagePass:
     return replace(stage, tile_forward=tiles * stage.tile_forward, tile_backward=tiles * stage.tile_backward)
 
 
+def _fresh_between(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], low: float, high: float
+                   ) -> tuple[float, float]:
+    """Values a forward and a backward over ``plan`` allocate in tensors of ``low`` to ``high``
+    values, convolutions' copies left out (measured on the CPU: a large run's copies are not
+    faulted in again)."""
+    lower, upper = (_stage_pass(graph, plan, costs, threshold) for threshold in (low, high))
+    return lower.tile_fresh - upper.tile_fresh, lower.tile_backward_fresh - upper.tile_backward_fresh
+
+
 def _fresh(allocations: Iterable[tuple[int, float]], areas: dict[int, int], threshold: float) -> float:
     """Values of the ``allocations`` (see :class:`_Allocations`) that are at least ``threshold`` values large."""
     return float(sum(v * areas[i] for i, v in allocations if v * areas.get(i, 0) >= threshold))
@@ -402,11 +412,10 @@ def estimate_step(stages: list[tuple[TrunkGraph, TilePlan, list[LayerCost]]], ba
                                                            forward_plans):
             large = not keep and p.tile_backward >= large_run
             fresh += (p.tile_backward if keep else f.tile_forward) + (-(-p.tiles // k) if large else 1) * p.tile_backward
-            if large:  # its allocations past the lower mmap threshold are fresh every time
-                low = _stage_pass(graph, plan, costs, mapped, copies)
-                low_forward = low if fwd is None else _stage_pass(graph, fwd[0], costs, mapped, copies)
-                fresh += (low.tile_fresh + low.tile_backward_fresh - p.tile_fresh - p.tile_backward_fresh
-                          + low_forward.tile_fresh - f.tile_fresh)
+            if large:  # its tensors between the lower mmap threshold and the time model's are fresh every time
+                forward, backward = _fresh_between(graph, plan, costs, mapped, threshold)
+                fresh += forward + backward + (forward if fwd is None else
+                                               _fresh_between(graph, fwd[0], costs, mapped, threshold)[0])
     fresh *= bytes_per_value
     whole_fresh = sum(p.whole_fresh + p.whole_backward_fresh for p in passes) * bytes_per_value
     params = sum(p.numel() for g, _, _ in stages for p in g.trunk.parameters()) * bytes_per_value

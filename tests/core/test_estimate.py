@@ -159,9 +159,9 @@ def test_runs_fault_their_working_set_in_again_after_each_heap_trim() -> None:
     runs = len(scnn.stage_plans(shape)[0].batches)
     assert runs == 9
 
-    def fresh(run_trim_bytes: int | None, run_mmap_threshold: int = 1 << 40) -> int:
+    def fresh(run_trim_bytes: int | None, run_mmap_threshold: int = 1 << 40, convolution_copies: int = 0) -> int:
         model = TimeModel(fresh_memory_cost=10.0, fresh_memory_threshold=1 << 40, run_trim_bytes=run_trim_bytes,
-                          run_mmap_threshold=run_mmap_threshold)
+                          run_mmap_threshold=run_mmap_threshold, convolution_copies=convolution_copies)
         return scnn.estimate(shape, time_model=model).fresh_bytes
 
     kept, after_stages, after_runs = fresh(None), fresh(1 << 40), fresh(1)
@@ -173,6 +173,8 @@ def test_runs_fault_their_working_set_in_again_after_each_heap_trim() -> None:
     stitched = 2 * 8 * 64 * 64 * 4
     assert fresh(1, run_mmap_threshold=1) == after_runs + every_output - stitched
     assert fresh(1 << 40, run_mmap_threshold=1) == after_stages  # not a stage of large runs
+    # below the time model's own threshold a large run's convolution copies are not fresh (measured)
+    assert fresh(1, run_mmap_threshold=1, convolution_copies=1) == fresh(1, run_mmap_threshold=1)
     assert kept == 0  # nothing reaches the threshold, nothing is returned
     # trimmed after the stage: its first forward run and its first backward run fault in once;
     # trimmed after every run: each of the 9 backward runs faults in its working set
