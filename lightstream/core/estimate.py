@@ -327,7 +327,7 @@ def _fresh_between(graph: TrunkGraph, plan: TilePlan, costs: list[LayerCost], lo
 
 def _fresh(allocations: Iterable[tuple[int, float]], areas: dict[int, int], threshold: float) -> float:
     """Values of the ``allocations`` (see :class:`_Allocations`) that are at least ``threshold`` values large."""
-    return float(sum(v * areas[i] for i, v in allocations if v * areas.get(i, 0) >= threshold))
+    return float(sum(v * areas.get(i, 0) for i, v in allocations if v * areas.get(i, 0) >= threshold))
 
 
 def pass_peaks(graph: TrunkGraph, costs: list[LayerCost], areas: dict[int, int]
