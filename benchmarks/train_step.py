@@ -4,8 +4,9 @@
 
 Timing: the configurations run alternately, ``--reps`` times each, after one untimed step each
 (which selects a GPU's kernels, creates the CPU's oneDNN primitives and grows the allocator's
-heap: the first step of a process runs up to 1.6× slower on the CPU), and the median is reported with its ratio to the
-whole-image step (all measured in this one run), next to the estimated ratio
+heap: the first step of a process runs up to 1.6× slower on the CPU), and the median is
+reported with its ratio to the whole-image step (all measured in this one run), next to the
+estimated ratio
 (``StreamingCNN.estimate``). On the CPU the CPU-seconds of a step in user and kernel mode are
 printed too, with the estimate's fresh memory beside the memory the step faulted in (minor page
 faults): kernel time is mostly page faults, because tensors past glibc's mmap threshold (32 MiB

@@ -261,10 +261,11 @@ class _Allocations:
             if not costs[index].in_place:
                 forward.append((index, out))
             backward.append((index, out))
-            if costs[index].convolution and copies:
+            if costs[index].convolution:
                 source = step.inputs[0]
-                forward += [(source, float(costs[source].elements_per_pixel)), (index, out)] * copies
-                backward += [(source, float(costs[source].elements_per_pixel)), (index, out)] * 2 * copies
+                copy = [(source, float(costs[source].elements_per_pixel)), (index, out)]
+                forward += copy * copies
+                backward += copy * 2 * copies
         return cls(tuple(forward), tuple(backward))
 
 
