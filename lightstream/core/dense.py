@@ -133,7 +133,7 @@ class DenseStreamer:
         """The whole-image loss and, with gradients enabled, its parameter and image gradients."""
         backward = torch.is_grad_enabled() and bool(params or want_image_grad)
         total: torch.Tensor | None = None
-        counted: torch.Tensor | None = None
+        counted: torch.Tensor | int = 0  # pixels kept as a host int: no host-to-device copy a tile
         grads: list[torch.Tensor | None] = [None] * len(params)
         image_grad: torch.Tensor | None = None
         for batch, raw in self.executor._load_batches(source, self.stage_plan.batches, "loss"):
@@ -147,8 +147,7 @@ class DenseStreamer:
                     pixel_loss = torch.where(pixel_weight != 0, pixel_loss * pixel_weight, 0.0)
                 tile_sum = pixel_loss.sum()
             # Sums over the whole image in float64: a float32 count is inexact past 2**24 pixels.
-            count = (pixel_loss.new_tensor(pixel_loss.numel(), dtype=torch.float64) if pixel_weight is None
-                     else pixel_weight.sum(dtype=torch.float64))
+            count = pixel_loss.numel() if pixel_weight is None else pixel_weight.sum(dtype=torch.float64)
             if on_tile is not None:
                 for part, part_target in zip(_per_tile(y.detach(), len(batch)), _per_tile(wanted, len(batch))):
                     on_tile(part, part_target)
@@ -157,12 +156,12 @@ class DenseStreamer:
                                            grads, image_grad)
             loss_dtype = tile_sum.dtype
             total = tile_sum.detach().double() + (0 if total is None else total)
-            counted = count + (0 if counted is None else counted)
-        assert total is not None and counted is not None, "a plan has at least one tile"
+            counted = count + counted
+        assert total is not None, "a plan has at least one tile"
         if reduction == "mean":
             total = total / counted
-            grads = [None if g is None else g / counted.to(g.device) for g in grads]
-            image_grad = None if image_grad is None else image_grad / counted.to(image_grad.device)
+            grads = [None if g is None else g / _on(counted, g) for g in grads]
+            image_grad = None if image_grad is None else image_grad / _on(counted, image_grad)
         return LossResult(total.to(loss_dtype), grads, image_grad)
 
     @staticmethod
@@ -185,6 +184,11 @@ class DenseStreamer:
                                  f"tile's {tuple(pixel_loss.shape)}; give a target/weight shaped like the "
                                  "loss") from None
         return weights
+
+
+def _on(count: torch.Tensor | int, like: torch.Tensor) -> torch.Tensor | int:
+    """A summed weight on ``like``'s device (a pixel count stays a host int)."""
+    return count.to(like.device) if isinstance(count, torch.Tensor) else count
 
 
 def _checked_loss(pixel_loss: Any, output: torch.Tensor, height: int, width: int) -> torch.Tensor:

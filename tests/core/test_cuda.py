@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torchvision import models
 
 from lightstream import StreamingCNN
 from tests.conftest import relative_error
+from tests.core.dense_networks import TinyUNet, randomise_batch_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -73,3 +75,30 @@ def test_an_8bit_cpu_image_normalised_per_tile_on_cuda_equals_the_normalised_who
     out.backward(grad)
     for param, e in zip(trunk.parameters(), expected_grads):
         assert relative_error(param.grad, e) <= 1e-10
+
+
+def test_a_second_streamed_step_on_cuda_never_waits_for_the_device() -> None:
+    """CUDA's sync debug mode raises at any synchronising call (``tests/core/test_host_sync.py``
+    counts the same calls on the CPU)."""
+    scnn = StreamingCNN(_resnet18_trunk(torch.float32), tile_size=256, mean=(120.0, 110.0, 100.0),
+                        std=(60.0, 55.0, 50.0))
+    image = torch.randint(0, 256, (2, 3, 512, 448), dtype=torch.uint8, device="cuda")
+    torch.manual_seed(0)
+    unet = StreamingCNN(randomise_batch_norm(TinyUNet("bilinear")).cuda(), tile_size=(40, 44))
+    pixels = torch.randn(2, 3, 128, 176, device="cuda")
+    target = torch.randint(0, 3, (2, 128, 176), device="cuda")
+
+    def step() -> None:
+        scnn.forward_autograd(image).square().mean().backward()
+        for ignore_index in (None, 2):
+            unet.stream_loss(pixels, target, lambda o, t: F.cross_entropy(o, t, reduction="none"),
+                             ignore_index=ignore_index)
+
+    step()  # plans, probes and checks mean/std once
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
