@@ -78,7 +78,7 @@ def run(mode: str, config: dict, timeout: int, release_freed: bool = False) -> d
         env.pop("PYTHONPATH", None)  # ours must not shadow the reference package
         command = [str(REFERENCE_PYTHON), str(REFERENCE_WORKER), json.dumps(config)]
     else:
-        command = [sys.executable, __file__, "--worker", json.dumps(config)]
+        command = [sys.executable, str(HERE / "compare_reference.py"), "--worker", json.dumps(config)]
     try:
         done = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env,
                               cwd=Path(config["fixture"]).parent)
@@ -123,6 +123,7 @@ def main() -> None:
     columns = table_columns(cpu)
     print("| " + " | ".join(columns) + " |")
     print("|---" * len(columns) + "|")
+    results = []
     with tempfile.TemporaryDirectory(prefix="compare_reference_") as tmp:
         for size in args.size:
             torch.manual_seed(0)
@@ -141,12 +142,15 @@ def main() -> None:
                 else:
                     result = measure_row(args, "whole", dict(config, tile=args.tile[0]), None, "", size, "")
                     base = result["seconds"] if isinstance(result, dict) else None
+                    results.append(result)
             for tile in args.tile:
                 estimate = StreamingCNN(trunk, tile_size=tile).estimate(shape, dtype)
                 for mode in [m for m in ("ours", "reference") if m in args.modes]:
                     predicted = (f"{estimate.relative_time:.2f}×, {estimate.peak_bytes / 2**30:.2f} GiB"
                                  if mode == "ours" else "")
-                    measure_row(args, mode, dict(config, tile=tile), base, str(tile), size, predicted)
+                    results.append(measure_row(args, mode, dict(config, tile=tile), base, str(tile), size, predicted))
+    if any(isinstance(result, str) for result in results):
+        sys.exit("# a row failed or ran out of time (see above)")
 
 
 def measure_row(args: argparse.Namespace, mode: str, config: dict, base: float | None, tile: str, size: int,

@@ -3,7 +3,7 @@
 # .venv-reference (it shares this package's name, so it cannot live in .venv). Idempotent.
 #
 #     bash benchmarks/reference/setup.sh
-#     BASE_PYTHON=python3 WHEELS=benchmarks/reference/wheels bash benchmarks/reference/setup.sh   # offline
+#     BASE_PYTHON=python3 WHEELS=benchmarks/wheels bash benchmarks/reference/setup.sh   # offline
 #
 # The reference needs torch, torchvision, lightning and numpy. They are not installed a second
 # time: the new environment reads them from the site-packages of BASE_PYTHON (default
@@ -12,7 +12,7 @@
 # site-packages, so the reference's `lightstream` comes first. BASE_PYTHON's pip installs the
 # reference into the new environment's site-packages (--target: the base's own packages are not
 # touched). WHEELS: install it from that folder of wheels instead of PyPI
-# (benchmarks/reference/carry_wheels.sh fills it, for the GPU machine, which has no network).
+# (benchmarks/carry_wheels.sh fills it, for the GPU machine, which has no network).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 VENV=.venv-reference
