@@ -161,7 +161,7 @@ class StreamingCNN(nn.Module):
         if len(shape) == 3:
             shape = (1, *shape)
         batch, channels, *size = checks.image_shape(shape, input_channels(self.stream_module))
-        itemsize = torch.empty(0, dtype=dtype or parameter_dtype(self.stream_module)).element_size()
+        itemsize = (dtype or parameter_dtype(self.stream_module)).itemsize
         request = PlanRequest(tuple(size), batch, channels, itemsize, self.tile_size, stages,  # type: ignore[arg-type]
                               self.stage_memory_bytes, tile_batch, TimeModel.for_device(self.device),
                               spends_spare_memory(self.device))

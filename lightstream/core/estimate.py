@@ -180,7 +180,7 @@ def layer_costs(graph: TrunkGraph, in_channels: int, probe: int = 64) -> list[La
     size = max(probe, *graph_min_size(graph))
     dtype = parameter_dtype(graph.trunk)
     device = module_device(graph.trunk)  # the probe tile must be where the trunk is (fake tensors keep devices apart)
-    itemsize = torch.empty(0, dtype=dtype).element_size()
+    itemsize = dtype.itemsize
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         if not isinstance(tensor, FakeTensor):  # a parameter or buffer: the model holds it anyway
